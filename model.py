@@ -1,0 +1,960 @@
+"""
+The causal Wan2.1 DiT of Causal Forcing++ (arXiv 2605.15141), in one file.
+
+Wan2.1-T2V is a bidirectional video diffusion transformer. Causal Forcing++ turns it into a frame-wise
+autoregressive generator; the only architectural changes are (a) one timestep per frame (per-frame AdaLN
+modulation) and (b) which tokens self-attention may see. This file holds the exact Wan2.1 network with
+four ways to run it, chosen by the arguments of `CausalWanModel.forward`:
+
+  bidirectional    causal=False                   every token sees every token (= original Wan / diffusers);
+                                                  the toy base model and the Stage-3 real/fake scores.
+  block-causal     causal=True                    a frame block sees itself and earlier blocks (one pass
+                                                  over the whole video, "diffusion forcing" layout).
+  teacher forcing  clean_x=...                    sequence [clean ‖ noisy]: noisy block b sees clean blocks
+                                                  < b and itself; one pass = all AR conditionals (paper §2.2,
+                                                  Stage 1 and the Stage-2 teacher/student).
+  cached           cache=KVCache, start_frame=f   one block at a time against the keys/values of earlier
+                                                  blocks (inference and Stage-3 self-rollout).
+
+Below the network: the flow-matching helpers (σ = t/1000 exactly, x_t = (1-σ)x0 + σε, v = ε - x0),
+`generate()` (the few-step frame-/chunk-wise rollout with the separate first-block step list of the
+paper's ASD trick), and strict weight loading for the original Wan, diffusers, official Causal-Forcing /
+Self-Forcing `.pt` files and our own checkpoints.
+
+Parameter names are exactly Wan's (`blocks.0.self_attn.q.weight`, ...), so the released weights load with
+strict checks. References: Wan2.1 `wan/modules/model.py` (architecture, numerics), Causal-Forcing
+`causal_model.py` (cache semantics); our notes on both in shared/reference/wan_spec.md and method_spec.md.
+
+Shape glossary
+  B batch · F latent frames · C latent channels (16 for Wan, 12 for the toy codec) · H, W latent height/width
+  h, w = H/2, W/2 token grid · S = h·w tokens per frame · L = F·S tokens · D model dim · N heads · d = D/N
+  K = frames_per_block (1 frame-wise, 3 chunk-wise) · Lt = text_len text tokens · E = text_dim
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# attention backends, chosen in one place
+#
+# Masked attention (block-causal, teacher forcing) uses a dense boolean mask with SDPA on CPU and in the
+# tests, and flex_attention with a BlockMask on CUDA (a dense mask over the 65,520 teacher-forcing tokens of
+# a 480p video would be 4 GiB). Unmasked attention (bidirectional, cross-attention, cached inference) uses
+# flash-attn when it is installed and the tensors are half precision on CUDA, SDPA otherwise. Nothing falls
+# back at call time: the choice is made here and can be overridden with set_attention_backend().
+
+try:
+    from flash_attn import flash_attn_func  # optional, CUDA only (requirements-gpu.txt)
+except ImportError:
+    flash_attn_func = None
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch < 2.5 has no flex_attention; the dense backend still works
+    create_block_mask = flex_attention = None
+
+ATTENTION_BACKEND = "flex" if (torch.cuda.is_available() and flex_attention is not None) else "dense"
+_compiled_flex_attention = None
+
+
+def set_attention_backend(name):
+    """'dense' (boolean mask + SDPA) or 'flex' (BlockMask + flex_attention) for masked attention."""
+    global ATTENTION_BACKEND
+    assert name in ("dense", "flex"), f"unknown attention backend {name!r}; use 'dense' or 'flex'"
+    assert name == "dense" or flex_attention is not None, "flex_attention needs torch>=2.5"
+    ATTENTION_BACKEND = name
+
+
+def attention(q, k, v, mask=None):
+    """Scaled dot-product attention. q [B, Lq, N, d], k/v [B, Lk, N, d] -> [B, Lq, N, d].
+    mask: None (all keys), a bool tensor [Lq, Lk] (True = may attend) or a flex BlockMask."""
+    if mask is None:
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return flash_attn_func(q, k, v)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)  # [B, Lq, N, d]
+    if isinstance(mask, torch.Tensor):
+        assert mask.dtype == torch.bool and mask.shape == (q.shape[1], k.shape[1]), \
+            f"dense mask must be bool [{q.shape[1]}, {k.shape[1]}], got {mask.dtype} {tuple(mask.shape)}"
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)
+        return out.transpose(1, 2)
+    global _compiled_flex_attention
+    if q.is_cuda and _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    run = _compiled_flex_attention if q.is_cuda else flex_attention  # CPU eager: correct, slow, for tests
+    out = run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
+    return out.transpose(1, 2)
+
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class WanConfig:
+    in_dim: int = 16          # latent channels in (16 for the Wan VAE)
+    out_dim: int = 16         # latent channels out
+    dim: int = 1536           # D
+    ffn_dim: int = 8960
+    freq_dim: int = 256       # width of the timestep sinusoid
+    text_dim: int = 4096      # umT5-XXL width
+    text_len: int = 512       # context is always zero-padded to this many rows (Wan pads to 512, no mask)
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+    frames_per_block: int = 1  # K: 1 = frame-wise, 3 = chunk-wise
+    causal: bool = True        # default attention when forward() is called without clean_x/cache
+    rope_max_positions: int = 1024  # RoPE tables cover positions 0..1023 on each axis, as in Wan
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        assert self.dim % self.num_heads == 0, f"dim {self.dim} not divisible by num_heads {self.num_heads}"
+        head_dim = self.dim // self.num_heads
+        assert head_dim % 2 == 0 and head_dim >= 12, f"head_dim {head_dim} must be even and >= 12 for 3-D RoPE"
+        assert self.patch_size[0] == 1, "temporal patching is not supported: every frame needs its own timestep"
+        assert self.frames_per_block >= 1, f"frames_per_block must be >= 1, got {self.frames_per_block}"
+
+    @property
+    def head_dim(self):
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        assert name in PRESETS, f"unknown preset {name!r}; choose one of {sorted(PRESETS)}"
+        return cls(**{**asdict(PRESETS[name]), **overrides})
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        assert not unknown, f"unknown WanConfig keys {unknown}"
+        return cls(**d)
+
+
+PRESETS = {
+    # Wan2.1-T2V-1.3B: 1,418,996,800 parameters
+    "wan2.1-t2v-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    # Wan2.1-T2V-14B (the Stage-3 real score): 14,288,491,584 parameters
+    "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # the embedded toy world (toyworld.py): 32x32 RGB -> space-to-depth 2 -> 12 channels at 16x16, 64 tokens
+    # per frame; a tiny frozen umT5 gives 32-wide text padded to 16 tokens. About 1.1M parameters.
+    "toy": WanConfig(in_dim=12, out_dim=12, dim=128, ffn_dim=512, text_dim=32, text_len=16,
+                     num_heads=4, num_layers=4),
+}
+
+# -----------------------------------------------------------------------------
+# small functions: timestep sinusoid and 3-D RoPE
+
+
+def sinusoidal_embedding(t, dim):
+    """Wan's timestep sinusoid: [cos(t·ω_k) | sin(t·ω_k)], ω_k = 10000^(-k/(dim/2)), on the raw 0..1000
+    scale, computed in float64 as the original does (cos first). t [N] -> [N, dim] float32."""
+    assert t.ndim == 1 and t.dtype in (torch.float32, torch.float64), \
+        f"timesteps must be a 1-D float32/float64 tensor (never bf16), got {t.dtype} {tuple(t.shape)}"
+    half = dim // 2
+    omega = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angle = t.to(torch.float64)[:, None] * omega[None, :]  # [N, half]
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1).float()  # [N, dim]
+
+
+def rope_axis_dims(head_dim):
+    """Real dims of the head given to (frame, height, width): d - 4(d//6), 2(d//6), 2(d//6); 44/42/42 at 128."""
+    return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
+
+
+def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, device=None):
+    """Rotation angle of every (token, pair) for the grid (frames start_frame.., rows, cols).
+    Pair k of an axis with D real dims turns at position p by p·10000^(-2k/D). Returns [F·h·w, d/2] fp64."""
+    assert 0 <= start_frame and start_frame + num_frames <= max_positions, \
+        f"frames {start_frame}..{start_frame + num_frames - 1} exceed the RoPE range 0..{max_positions - 1}"
+    assert h <= max_positions and w <= max_positions, f"token grid {h}x{w} exceeds the RoPE range {max_positions}"
+    parts = []
+    for n_pos, offset, axis_dim in zip((num_frames, h, w), (start_frame, 0, 0), rope_axis_dims(head_dim)):
+        inv_freq = 10000.0 ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        pos = torch.arange(offset, offset + n_pos, dtype=torch.float64, device=device)
+        parts.append(pos[:, None] * inv_freq[None, :])  # [n_pos, axis_dim/2]
+    f_part, h_part, w_part = parts
+    angles = torch.cat([
+        f_part[:, None, None, :].expand(num_frames, h, w, -1),
+        h_part[None, :, None, :].expand(num_frames, h, w, -1),
+        w_part[None, None, :, :].expand(num_frames, h, w, -1),
+    ], dim=-1)  # [F, h, w, d/2], frame-major token order
+    return angles.reshape(num_frames * h * w, head_dim // 2)  # [L, d/2]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2j], x[2j+1]) by the angles behind cos/sin. Computed in fp32.
+    x [B, L, N, d]; cos/sin [L, d/2] fp32 -> [B, L, N, d] in x's dtype."""
+    B, L, N, d = x.shape
+    assert cos.shape == (L, d // 2), f"RoPE table {tuple(cos.shape)} does not match {L} tokens x {d // 2} pairs"
+    pairs = x.float().reshape(B, L, N, d // 2, 2)  # [B, L, N, d/2, 2]
+    real, imag = pairs.unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # [1, L, 1, d/2]
+    rotated = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1)  # [B, L, N, d/2, 2]
+    return rotated.reshape(B, L, N, d).type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# norms (statistics in fp32, as in Wan)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full width (all heads together): x·rsqrt(mean(x²)+eps) in fp32, then ·weight."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (affine parameters too) and cast back (Wan's WanLayerNorm)."""
+
+    def forward(self, x):
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# attention masks as index arithmetic: mask(q, kv) -> may attend. The same functions build the dense masks
+# (broadcast aranges) and flex BlockMasks (mask_mod), so the two backends cannot disagree on the rule.
+
+
+def block_causal_rule(tokens_per_block):
+    """A query in block b sees keys of blocks 0..b (its own block bidirectionally)."""
+    def rule(q, kv):
+        return (q // tokens_per_block) >= (kv // tokens_per_block)
+    return rule
+
+
+def teacher_forcing_rule(tokens_per_half, tokens_per_block):
+    """Sequence [clean ‖ noisy], each half tokens_per_half long. A clean query in block b sees clean blocks
+    0..b (a context pass); a noisy query in block b sees clean blocks < b and its own noisy block b. It never
+    sees its own clean copy, another noisy block or any future frame."""
+    def rule(q, kv):
+        q_noisy, kv_noisy = q >= tokens_per_half, kv >= tokens_per_half
+        q_block = (q % tokens_per_half) // tokens_per_block
+        kv_block = (kv % tokens_per_half) // tokens_per_block
+        clean_query = ~kv_noisy & (kv_block <= q_block)
+        noisy_query = (kv_noisy & (kv_block == q_block)) | (~kv_noisy & (kv_block < q_block))
+        return torch.where(q_noisy, noisy_query, clean_query)
+    return rule
+
+
+def dense_mask(rule, length, device=None):
+    """Evaluate a rule on every (query, key) pair -> bool [length, length]."""
+    idx = torch.arange(length, device=device)
+    return rule(idx[:, None], idx[None, :])
+
+
+_block_mask_cache = {}
+
+
+def attention_mask(kind, num_frames, tokens_per_frame, frames_per_block, device):
+    """The mask for a masked forward, in the representation of the current backend. Cached by shape, so a
+    teacher-forcing call can never reuse a block-causal mask or a mask of another length."""
+    tokens_per_block = frames_per_block * tokens_per_frame
+    if kind == "block_causal":
+        length, rule = num_frames * tokens_per_frame, block_causal_rule(tokens_per_block)
+    else:
+        assert kind == "teacher_forcing", f"unknown mask kind {kind!r}"
+        half = num_frames * tokens_per_frame
+        length, rule = 2 * half, teacher_forcing_rule(half, tokens_per_block)
+    key = (ATTENTION_BACKEND, kind, num_frames, tokens_per_frame, frames_per_block, str(device))
+    if key not in _block_mask_cache:
+        if ATTENTION_BACKEND == "dense":
+            _block_mask_cache[key] = dense_mask(rule, length, device)
+        else:
+            _block_mask_cache[key] = create_block_mask(lambda b, h, q, kv: rule(q, kv), None, None,
+                                                       length, length, device=device)
+    return _block_mask_cache[key]
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys/values of every layer for up to `max_frames` frames, preallocated.
+
+    Slots are indexed by absolute frame: frame f owns token slots [f·S, (f+1)·S). A forward on the block
+    starting at frame f writes its keys (already RoPE-rotated) into its own slots and attends to slots
+    [0, (f+K)·S). Running the same block again (the next denoising step, then the clean context pass at t=0)
+    overwrites the same slots, so after the context pass the cache holds exactly the context later frames
+    must see. `filled_frames` (a Python int, no device sync) is one past the last frame ever written.
+
+    Stored values are detached: a cached key can never carry gradient or change under a backward pass. In a
+    grad-enabled call the current block's own keys/values (with gradient) are concatenated to a copy of the
+    cached prefix instead of being read back from the buffer (Stage-3 self-rollout, method_spec §10.19).
+    The text keys/values of cross-attention are computed once per cache and reused in no-grad calls.
+    """
+
+    def __init__(self, cfg, batch_size, max_frames, tokens_per_frame, device=None, dtype=torch.float32):
+        self.batch_size, self.max_frames, self.tokens_per_frame = batch_size, max_frames, tokens_per_frame
+        assert max_frames <= cfg.rope_max_positions, \
+            f"a cache of {max_frames} frames exceeds the RoPE range of {cfg.rope_max_positions} frames"
+        shape = (cfg.num_layers, batch_size, max_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, B, max_frames·S, N, d]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.context_kv = [None] * cfg.num_layers  # per layer (k, v) of the text, [B, Lt, N, d] each
+        self.context = None  # the context tensor the cross-attention cache belongs to
+        self.filled_frames = 0
+
+    def reset(self):
+        """Forget everything (new video). Buffers are kept; filled_frames and the text K/V are cleared."""
+        self.filled_frames = 0
+        self.context_kv = [None] * len(self.context_kv)
+        self.context = None
+
+    def check_block(self, start_frame, num_frames, batch_size):
+        assert batch_size == self.batch_size, f"cache batch {self.batch_size} != input batch {batch_size}"
+        assert 0 <= start_frame <= self.filled_frames, \
+            f"block at frame {start_frame} would leave a gap: the cache holds frames 0..{self.filled_frames - 1}"
+        assert start_frame + num_frames <= self.max_frames, \
+            f"frames {start_frame}..{start_frame + num_frames - 1} exceed the cache size of {self.max_frames} frames"
+
+    def update(self, layer, k, v, start_frame):
+        """Write this block's k/v [B, n, N, d] at its slots; return the visible k/v [B, (start+n/S)·S, N, d]."""
+        begin = start_frame * self.tokens_per_frame
+        end = begin + k.shape[1]
+        self.k[layer, :, begin:end] = k.detach()
+        self.v[layer, :, begin:end] = v.detach()
+        if k.requires_grad or v.requires_grad:  # keep the gradient path of the current block's own keys
+            k_all = torch.cat([self.k[layer, :, :begin].to(k.dtype), k], dim=1)
+            v_all = torch.cat([self.v[layer, :, :begin].to(v.dtype), v], dim=1)
+            return k_all, v_all
+        return self.k[layer, :, :end].to(k.dtype), self.v[layer, :, :end].to(v.dtype)
+
+    def __repr__(self):
+        return (f"KVCache(layers={self.k.shape[0]}, batch={self.batch_size}, frames={self.filled_frames}/"
+                f"{self.max_frames}, tokens_per_frame={self.tokens_per_frame}, dtype={self.k.dtype})")
+
+
+# -----------------------------------------------------------------------------
+# attention layers
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over all heads, before the split
+
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache=None, layer=0, start_frame=0):
+        B, L, D = x.shape
+        N = self.num_heads
+        q = self.norm_q(self.q(x)).view(B, L, N, D // N)  # [B, L, N, d]
+        k = self.norm_k(self.k(x)).view(B, L, N, D // N)
+        v = self.v(x).view(B, L, N, D // N)
+        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        if cache is not None:  # keys are stored rotated, with their absolute frame positions
+            k, v = cache.update(layer, k, v, start_frame)  # [B, L_visible, N, d]
+        out = attention(q, k, v, mask)  # [B, L, N, d]
+        return self.o(out.reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention: no RoPE and no mask — Wan attends all text_len rows, zero pads included."""
+
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, context, cache=None, layer=0):
+        B, L, D = x.shape
+        N = self.num_heads
+        q = self.norm_q(self.q(x)).view(B, L, N, D // N)  # [B, L, N, d]
+        cached = cache.context_kv[layer] if cache is not None else None
+        if cached is not None and not torch.is_grad_enabled():
+            k, v = cached
+        else:  # with gradient enabled the text K/V are recomputed so the text path receives gradient
+            k = self.norm_k(self.k(context)).view(B, -1, N, D // N)  # [B, Lt, N, d]
+            v = self.v(context).view(B, -1, N, D // N)
+            if cache is not None:
+                cache.context_kv[layer] = (k.detach(), v.detach())
+        return self.o(attention(q, k, v).reshape(B, L, D))
+
+
+# -----------------------------------------------------------------------------
+# transformer block and head
+
+
+class WanBlock(nn.Module):
+    """x ← x + g₁·SelfAttn(LN₁(x)(1+s₁)+b₁); x ← x + CrossAttn(LN₃(x), text); x ← x + g₂·FFN(LN₂(x)(1+s₂)+b₂).
+    Shift/scale/gate come per frame from `modulation + e0[frame]`. Modulation and the gated residual adds
+    run in fp32, as in the original; the residual stream x is fp32."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(D, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(D, eps=cfg.eps, elementwise_affine=True)  # cross_attn_norm=True in Wan2.1
+        self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
+        self.modulation = nn.Parameter(torch.randn(1, 6, D) / D ** 0.5)
+
+    def forward(self, x, e0, context, rope_cos, rope_sin, mask=None, cache=None, layer=0, start_frame=0):
+        B, L, D = x.shape
+        num_frames = e0.shape[1]  # frames in this sequence (2F under teacher forcing)
+        S = L // num_frames
+        dtype = self.self_attn.q.weight.dtype  # compute dtype of the linear layers
+        mod = self.modulation.float()[:, None] + e0  # [B, F, 6, D] fp32
+        shift1, scale1, gate1, shift2, scale2, gate2 = (m.unsqueeze(2) for m in mod.unbind(2))  # [B, F, 1, D]
+
+        h = self.norm1(x).float().view(B, num_frames, S, D) * (1 + scale1) + shift1  # [B, F, S, D]
+        y = self.self_attn(h.view(B, L, D).to(dtype), rope_cos, rope_sin, mask, cache, layer, start_frame)
+        x = x + (y.float().view(B, num_frames, S, D) * gate1).view(B, L, D)
+
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, cache, layer).float()
+
+        h = self.norm2(x).float().view(B, num_frames, S, D) * (1 + scale2) + shift2  # [B, F, S, D]
+        y = self.ffn(h.view(B, L, D).to(dtype))
+        x = x + (y.float().view(B, num_frames, S, D) * gate2).view(B, L, D)
+        return x
+
+
+class Head(nn.Module):
+    """LN(x)·(1+scale)+shift with (shift, scale) = head.modulation + e (the time embedding itself, not e0),
+    then a Linear to the patch's channels. Runs in fp32 like the original."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        B, L, D = x.shape
+        num_frames = e.shape[1]
+        mod = self.modulation.float()[:, None] + e[:, :, None, :]  # [B, F, 2, D]
+        shift, scale = (m.unsqueeze(2) for m in mod.unbind(2))  # [B, F, 1, D]
+        h = self.norm(x).float().view(B, num_frames, L // num_frames, D) * (1 + scale) + shift  # [B, F, S, D]
+        return self.head(h.view(B, L, D).to(self.head.weight.dtype)).float()  # [B, L, C·ph·pw]
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class CausalWanModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.init_weights()
+
+    def init_weights(self):
+        """Wan's init: Xavier-uniform linears with zero bias, N(0, 0.02) text/time MLPs, zero output head
+        (so a fresh model predicts v = 0), modulation ~ randn/√D (set in the constructors)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for module in seq:
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def tokens_per_frame(self, height, width):
+        _, ph, pw = self.cfg.patch_size
+        return (height // ph) * (width // pw)
+
+    # ---- patchify / embeddings ----
+
+    def patchify(self, x):
+        """[B, F, C, H, W] -> tokens [B, F·h·w, D] (frame-major, then row, then column)."""
+        x = x.permute(0, 2, 1, 3, 4).to(self.patch_embedding.weight.dtype)  # [B, C, F, H, W]
+        return self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, D, F, h, w] -> [B, F·h·w, D]
+
+    def unpatchify(self, tokens, num_frames, height, width):
+        """[B, F·h·w, ph·pw·C] -> [B, F, C, H, W]; channel o of a token maps to (ph, pw, c), o = (ph·pw_size+pw)·C+c."""
+        B = tokens.shape[0]
+        _, ph, pw = self.cfg.patch_size
+        C = self.cfg.out_dim
+        x = tokens.view(B, num_frames, height // ph, width // pw, ph, pw, C)  # [B, F, h, w, ph, pw, C]
+        x = x.permute(0, 1, 6, 2, 4, 3, 5)  # [B, F, C, h, ph, w, pw]
+        return x.reshape(B, num_frames, C, height, width)  # [B, F, C, H, W]
+
+    def time_embeddings(self, t):
+        """t [B, F] -> e [B, F, D] (for the head) and e0 [B, F, 6, D] (for the blocks), both fp32."""
+        B, num_frames = t.shape
+        sinusoid = sinusoidal_embedding(t.reshape(-1), self.cfg.freq_dim)  # [B·F, freq_dim]
+        e = self.time_embedding(sinusoid.to(self.time_embedding[0].weight.dtype)).float()  # [B·F, D]
+        e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()  # [B·F, 6D]
+        return e.view(B, num_frames, -1), e0.view(B, num_frames, 6, -1)  # [B, F, D], [B, F, 6, D]
+
+    # ---- forward ----
+
+    def forward(self, x, t, context, *, causal=None, cache=None, start_frame=0, clean_x=None, clean_t=None):
+        """Predict the flow velocity v ≈ ε − x0 for noisy latents.
+
+        x        [B, F, C, H, W] noisy latents (a single block of K frames when `cache` is given)
+        t        [B, F] per-frame timesteps in [0, 1000] (float32; [B] is broadcast over frames)
+        context  [B, text_len, text_dim] text embeddings, zero-padded after each prompt
+        causal   None → cfg.causal; False = bidirectional, True = block-causal with cfg.frames_per_block
+        cache    KVCache → cached inference of the block at `start_frame` (writes its K/V into the cache)
+        clean_x  [B, F, C, H, W] clean context → teacher forcing; clean_t [B, F] its timesteps (default 0;
+                 noise the clean frames yourself if you pass a context-noise t)
+        returns  v [B, F, out_dim, H, W] float32
+        """
+        cfg = self.cfg
+        B, num_frames, C, H, W = x.shape
+        _, ph, pw = cfg.patch_size
+        K = cfg.frames_per_block
+        assert C == cfg.in_dim, f"latents have {C} channels, the model expects {cfg.in_dim}"
+        assert H % ph == 0 and W % pw == 0, f"latent size {H}x{W} must be divisible by the patch {ph}x{pw}"
+        assert context.shape == (B, cfg.text_len, cfg.text_dim), \
+            f"context must be [B={B}, {cfg.text_len}, {cfg.text_dim}] (zero-padded), got {tuple(context.shape)}"
+        if t.ndim == 1:
+            t = t[:, None].expand(B, num_frames)
+        assert t.shape == (B, num_frames), f"t must be [B, F] = [{B}, {num_frames}], got {tuple(t.shape)}"
+        causal = cfg.causal if causal is None else causal
+        S = self.tokens_per_frame(H, W)
+
+        # which of the four attention modes
+        if cache is not None:
+            assert clean_x is None, "cached inference and teacher forcing are exclusive"
+            assert num_frames == K and start_frame % K == 0, \
+                f"cached calls run one block of {K} frame(s) at a block boundary; got {num_frames} at {start_frame}"
+            cache.check_block(start_frame, num_frames, B)
+            mode = "cached"
+        elif clean_x is not None:
+            assert clean_x.shape == x.shape, f"clean_x {tuple(clean_x.shape)} must match x {tuple(x.shape)}"
+            assert causal, "teacher forcing is a causal mode; do not pass causal=False with clean_x"
+            mode = "teacher_forcing"
+        else:
+            assert start_frame == 0, "start_frame is only meaningful with a cache"
+            mode = "block_causal" if causal else "bidirectional"
+        if mode in ("block_causal", "teacher_forcing"):
+            assert num_frames % K == 0, f"{num_frames} frames are not a whole number of {K}-frame blocks"
+
+        # embeddings
+        tokens = self.patchify(x).float()  # [B, F·S, D], residual stream in fp32
+        e, e0 = self.time_embeddings(t)  # [B, F, D], [B, F, 6, D]
+        angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, start_frame, cfg.rope_max_positions,
+                             device=x.device)  # [F·S, d/2]
+        if mode == "teacher_forcing":
+            # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (method_spec §10.22)
+            clean_t = torch.zeros_like(t) if clean_t is None else clean_t
+            assert clean_t.shape == t.shape, f"clean_t must be [B, F], got {tuple(clean_t.shape)}"
+            tokens = torch.cat([self.patchify(clean_x).float(), tokens], dim=1)  # [B, 2F·S, D]
+            _, e0_clean = self.time_embeddings(clean_t)
+            e0 = torch.cat([e0_clean, e0], dim=1)  # [B, 2F, 6, D]
+            angles = torch.cat([angles, angles], dim=0)  # [2F·S, d/2]
+        rope_cos, rope_sin = torch.cos(angles).float(), torch.sin(angles).float()
+        mask = None
+        if mode in ("block_causal", "teacher_forcing"):
+            mask = attention_mask(mode, num_frames, S, K, x.device)
+        text = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # [B, Lt, D]
+
+        # transformer
+        for layer, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, start_frame)
+        if mode == "teacher_forcing":
+            tokens = tokens[:, num_frames * S:]  # keep the noisy half [B, F·S, D]
+        if mode == "cached":
+            cache.filled_frames = max(cache.filled_frames, start_frame + num_frames)
+            if cache.context is None:
+                cache.context = context
+        return self.unpatchify(self.head(tokens, e), num_frames, H, W)  # [B, F, C_out, H, W]
+
+
+# -----------------------------------------------------------------------------
+# flow matching: x_t = (1-σ)·x0 + σ·ε with σ = t/1000 exactly; the network predicts v = ε - x0
+
+
+def sigma_of(t, like):
+    """σ = t/1000 in fp32, shaped to broadcast against latents `like` [B, F, C, H, W]. t: float, [B] or [B, F]."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
+    assert t.dtype == torch.float32, f"timesteps must be float32, got {t.dtype}"
+    if t.ndim == 1:
+        t = t[:, None]  # [B, 1]
+    return (t / 1000.0).reshape(*t.shape, *([1] * (like.ndim - t.ndim)))  # [B, F, 1, 1, 1]
+
+
+def add_noise(x0, noise, t):
+    """x_t = (1 − σ)·x0 + σ·ε."""
+    sigma = sigma_of(t, x0)
+    return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+
+
+def x0_from_v(x_t, v, t):
+    """x0 = x_t − σ·v (paper eq. 4 with the velocity parameterisation)."""
+    return (x_t.float() - sigma_of(t, x_t) * v.float()).to(x_t.dtype)
+
+
+def v_from_x0(x_t, x0, t):
+    """v = (x_t − x0)/σ; undefined at σ = 0."""
+    sigma = sigma_of(t, x_t)
+    assert bool((sigma > 0).all()), "v_from_x0 needs t > 0"
+    return ((x_t.float() - x0.float()) / sigma).to(x_t.dtype)
+
+
+def shift_sigma(sigma, shift=5.0):
+    """Timestep shift: σ' = sσ / (1 + (s−1)σ). Wan-1.3B uses s = 5."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def warp_timesteps(nominal, shift=5.0):
+    """Nominal few-step lists in 0..1000 units → shifted timesteps: [1000, 750, 500, 250] → [1000, 937.5,
+    833.33, 625]; [1000, 500] → [1000, 833.33] (the paper's t = 1, 0.8333)."""
+    return [1000.0 * shift_sigma(n / 1000.0, shift) for n in nominal]
+
+
+def timestep_grid(num_steps, shift=5.0):
+    """The N-point training/sampling grid without 0: u = 1, 1−1/N, …, 1/N, shifted; t = 1000·σ (float32).
+    N = 48, s = 5 is the causal-CD grid: 1000, 995.76, …, 937.5 (k=12), …, 96.15 (k=47)."""
+    u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+    return (1000.0 * shift_sigma(u, shift)).float()
+
+
+# -----------------------------------------------------------------------------
+# generate: frame-wise / chunk-wise autoregressive rollout with the KV cache
+
+
+@torch.no_grad()
+def generate(model, noise, context, *, steps, first_block_steps=None, sampler="renoise", uncond_context=None,
+             guidance_scale=1.0, context_t=0.0, prefix=None, teacher_context=None, generator=None, cache=None,
+             on_block=None):
+    """Roll out a video block by block (K = cfg.frames_per_block frames each) with the KV cache.
+
+    noise        [B, F, C, H, W] initial noise of the frames to generate
+    context      [B, text_len, text_dim]; uncond_context + guidance_scale w give CFG u + w·(c − u), batched
+    steps        timesteps of every block, descending, already warped (e.g. warp_timesteps([1000, 500]))
+    first_block_steps  the first generated block's own list (ASD: 4 steps for frame 0 of 1/2-step models);
+                 ignored when a prefix is given — that first frame is not generated from nothing
+    sampler      "renoise": few-step consistency sampler — predict x0, re-noise it with fresh noise to the next
+                 t (the distilled students); "euler": deterministic Euler on the flow ODE, the last step to σ=0
+                 (multi-step AR-diffusion teachers)
+    context_t    timestep of the context pass that writes each finished block into the cache (0 = clean; > 0
+                 adds fresh noise at that level first, the "context noise" of method_spec §8.1)
+    prefix       [B, P, C, H, W] clean latents written into the cache before generation (I2V: the image frame)
+    teacher_context [B, F, C, H, W] if given, the context pass writes these frames instead of the generated
+                 ones (generation conditioned on a ground-truth prefix, as the causal-ODE teacher does)
+    cache        a KVCache to continue (generation starts at cache.filled_frames); default: a new one
+    on_block     callback(block_index, start_frame, x0_block) after each block, for streaming
+    Calls per block: len(steps) (or len(first_block_steps)) + 1 context pass. Returns [B, F, C, H, W].
+    """
+    cfg = model.cfg
+    B, num_frames, C, H, W = noise.shape
+    K = cfg.frames_per_block
+    assert num_frames % K == 0, f"{num_frames} frames are not a whole number of {K}-frame blocks"
+    assert sampler in ("renoise", "euler"), f"unknown sampler {sampler!r}; use 'renoise' or 'euler'"
+    for name, step_list in (("steps", steps), ("first_block_steps", first_block_steps)):
+        if step_list is not None:
+            assert len(step_list) > 0 and all(0 < s <= 1000 for s in step_list) and \
+                all(a > b for a, b in zip(step_list, step_list[1:])), \
+                f"{name} must be non-empty, strictly descending and within (0, 1000], got {list(step_list)}"
+    use_cfg = guidance_scale != 1.0
+    assert not use_cfg or uncond_context is not None, "guidance_scale != 1 needs uncond_context"
+    prefix_frames = 0 if prefix is None else prefix.shape[1]
+    assert prefix_frames % K == 0, f"prefix of {prefix_frames} frames is not a whole number of {K}-frame blocks"
+    if teacher_context is not None:
+        assert teacher_context.shape == noise.shape, "teacher_context must have the shape of noise"
+
+    run_batch = 2 * B if use_cfg else B
+    run_context = torch.cat([context, uncond_context]) if use_cfg else context  # [2B, Lt, E] under CFG
+    S = model.tokens_per_frame(H, W)
+    if cache is None:
+        cache = KVCache(cfg, run_batch, prefix_frames + num_frames, S, noise.device,
+                        next(model.parameters()).dtype)
+    first_frame = cache.filled_frames
+    dtype = noise.dtype
+
+    def velocity(x, t_value, start):
+        x_in = torch.cat([x, x]) if use_cfg else x
+        t = torch.full((run_batch, x.shape[1]), float(t_value), device=x.device)
+        v = model(x_in, t, run_context, cache=cache, start_frame=start)
+        if use_cfg:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        return v
+
+    def context_pass(x0, start):
+        x_ctx = x0
+        if context_t > 0:
+            x_ctx = add_noise(x0, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype), context_t)
+        velocity(x_ctx, context_t, start)  # output unused: this call only writes the block's K/V
+
+    for p in range(0, prefix_frames, K):  # clean prefix (I2V) into the cache
+        context_pass(prefix[:, p:p + K], first_frame + p)
+
+    outputs = []
+    for block, f0 in enumerate(range(0, num_frames, K)):
+        start = first_frame + prefix_frames + f0
+        step_list = first_block_steps if (block == 0 and first_block_steps is not None and start == 0) else steps
+        x = noise[:, f0:f0 + K]
+        for i, t_value in enumerate(step_list):
+            v = velocity(x, t_value, start)
+            t_next = step_list[i + 1] if i + 1 < len(step_list) else 0.0
+            if sampler == "euler":
+                x = (x.float() + (t_next - t_value) / 1000.0 * v.float()).to(dtype)
+                x0 = x
+            else:
+                x0 = x0_from_v(x, v, t_value)
+                if i + 1 < len(step_list):  # re-noise with fresh noise to the next level
+                    fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype)
+                    x = add_noise(x0, fresh, t_next)
+        outputs.append(x0)
+        context_pass(teacher_context[:, f0:f0 + K] if teacher_context is not None else x0, start)
+        if on_block is not None:
+            on_block(block, start, x0)
+    return torch.cat(outputs, dim=1)  # [B, F, C, H, W]
+
+
+# -----------------------------------------------------------------------------
+# strict weight loading: original Wan, diffusers, official Causal-Forcing / Self-Forcing .pt, ours
+
+
+class WeightLoadError(RuntimeError):
+    """A checkpoint that does not fit the model. The message is one line naming the format and the keys."""
+
+
+# original Wan name -> diffusers name (wan_spec §4.3); a bijection on the full key set
+_TOP_LEVEL_TO_DIFFUSERS = {
+    "patch_embedding": "patch_embedding",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "head.modulation": "scale_shift_table",
+    "head.head": "proj_out",
+}
+_BLOCK_TO_DIFFUSERS = {
+    "modulation": "scale_shift_table",
+    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+    "norm3": "norm2",  # the affine cross-attention norm is norm3 in Wan and norm2 in diffusers
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+}
+
+
+def _rename(key, table):
+    for old, new in table.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def _convert_key(key, top_table, block_table):
+    if key.startswith("blocks."):
+        _, index, rest = key.split(".", 2)
+        renamed = _rename(rest, block_table)
+        return key if renamed is None else f"blocks.{index}.{renamed}"
+    renamed = _rename(key, top_table)
+    return key if renamed is None else renamed  # unknown keys pass through and fail the strict check
+
+
+def wan_to_diffusers_key(key):
+    return _convert_key(key, _TOP_LEVEL_TO_DIFFUSERS, _BLOCK_TO_DIFFUSERS)
+
+
+def diffusers_to_wan_key(key):
+    return _convert_key(key, {v: k for k, v in _TOP_LEVEL_TO_DIFFUSERS.items()},
+                        {v: k for k, v in _BLOCK_TO_DIFFUSERS.items()})
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(key):
+    """'model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.ffn.0.weight' -> 'blocks.0.ffn.0.weight'."""
+    for prefix in _WRAPPER_PREFIXES:
+        key = key.replace(prefix, "")
+    while key.startswith("model."):
+        key = key[len("model."):]
+    return key
+
+
+def _read_safetensors(paths):
+    from safetensors.torch import load_file
+    state = {}
+    for path in paths:
+        state.update(load_file(path, device="cpu"))
+    return state
+
+
+def _read_safetensors_folder(folder, stem="diffusion_pytorch_model"):
+    """Single file or a sharded index.json -> (state dict, sharded?) or (None, False) if neither exists."""
+    single, index = os.path.join(folder, f"{stem}.safetensors"), os.path.join(folder, f"{stem}.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise WeightLoadError(f"{index}: shard files missing: {missing[:3]}")
+        return _read_safetensors([os.path.join(folder, s) for s in shards]), True
+    if os.path.isfile(single):
+        return _read_safetensors([single]), False
+    return None, False
+
+
+def _looks_like_diffusers(keys):
+    return any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in keys)
+
+
+def read_checkpoint(path, use_ema=False):
+    """Read any supported checkpoint into a state dict with Wan key names -> (state_dict, format name)."""
+    if not os.path.exists(path):
+        raise WeightLoadError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "model.safetensors")):  # ours (common.py checkpoint directory)
+            name = "ema.safetensors" if use_ema else "model.safetensors"
+            if not os.path.isfile(os.path.join(path, name)):
+                raise WeightLoadError(f"ours: {path} has no {name} (it holds no EMA weights; drop --use_ema)")
+            return _read_safetensors([os.path.join(path, name)]), "ours"
+        if os.path.isdir(os.path.join(path, "transformer")):  # a diffusers pipeline folder
+            path = os.path.join(path, "transformer")
+        config = {}
+        if os.path.isfile(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                config = json.load(f)
+        state, sharded = _read_safetensors_folder(path)
+        if state is None:
+            raise WeightLoadError(f"{path}: no diffusion_pytorch_model.safetensors(.index.json), model.safetensors "
+                                  f"or transformer/ folder; pass a Wan, diffusers or our checkpoint folder")
+        if config.get("_class_name") == "WanTransformer3DModel" or _looks_like_diffusers(state):
+            return {diffusers_to_wan_key(k): v for k, v in state.items()}, "diffusers"
+        return state, "wan-sharded" if sharded else "wan"
+    if path.endswith(".safetensors"):
+        state = _read_safetensors([path])
+        if _looks_like_diffusers(state):
+            state = {diffusers_to_wan_key(k): v for k, v in state.items()}
+        return {strip_wrapper_prefixes(k): v for k, v in state.items()}, "safetensors"
+    if path.endswith((".pt", ".pth", ".bin")):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated file, or a pickle that is not plain tensors
+            raise WeightLoadError(f"{path}: cannot be read as a weights-only torch file "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        if not isinstance(obj, dict):
+            raise WeightLoadError(f"{path}: expected a dict, found {type(obj).__name__}")
+        wrappers = [k for k in ("generator", "generator_ema", "model") if k in obj and isinstance(obj[k], dict)]
+        if wrappers:  # official Causal-Forcing / Self-Forcing file
+            if use_ema:
+                if "generator_ema" not in obj:
+                    raise WeightLoadError(f"official-pt: {path} has no 'generator_ema' (keys {sorted(obj)}); "
+                                          f"drop --use_ema")
+                inner = obj["generator_ema"]
+            elif "generator" in obj or "model" in obj:
+                inner = obj["generator"] if "generator" in obj else obj["model"]
+            else:
+                raise WeightLoadError(f"official-pt: {path} holds only 'generator_ema' (EMA weights); "
+                                      f"pass --use_ema to load them")
+            return {strip_wrapper_prefixes(k): v for k, v in inner.items()}, "official-pt"
+        return {strip_wrapper_prefixes(k): v for k, v in obj.items()}, "pt-state-dict"
+    raise WeightLoadError(f"{path}: unknown checkpoint type; expected a folder, .safetensors, .pt or .pth")
+
+
+def check_state_dict(model, state, fmt):
+    """Missing keys, unexpected keys and shape mismatches -> one WeightLoadError line; nothing is loaded."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                   for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
+        if items:
+            problems.append(f"{len(items)} {label} (first: {', '.join(items[:3])})")
+    if problems:
+        raise WeightLoadError(f"{fmt} checkpoint does not fit the model: " + "; ".join(problems)
+                              + " — is it the right preset/format?")
+
+
+def load_weights(model, path, use_ema=False):
+    """Load a checkpoint strictly into `model` (any format read_checkpoint knows). Returns the format name.
+    On any mismatch raises WeightLoadError and leaves the model untouched."""
+    state, fmt = read_checkpoint(path, use_ema)
+    check_state_dict(model, state, fmt)
+    model.load_state_dict(state, strict=True)
+    return fmt
+
+
+def config_from_checkpoint(path):
+    """The WanConfig stored beside a checkpoint (Wan, diffusers or ours), or None (official .pt has none)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isdir(os.path.join(folder, "transformer")):
+        folder = os.path.join(folder, "transformer")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        c = json.load(f)
+    if "model_config" in c:  # ours
+        return WanConfig.from_dict(c["model_config"])
+    if c.get("_class_name") == "WanTransformer3DModel":
+        return WanConfig(in_dim=c["in_channels"], out_dim=c["out_channels"],
+                         dim=c["num_attention_heads"] * c["attention_head_dim"], ffn_dim=c["ffn_dim"],
+                         freq_dim=c.get("freq_dim", 256), text_dim=c.get("text_dim", 4096),
+                         num_heads=c["num_attention_heads"], num_layers=c["num_layers"],
+                         patch_size=tuple(c.get("patch_size", (1, 2, 2))), eps=c.get("eps", 1e-6))
+    if "dim" in c and "num_heads" in c:  # original Wan config.json (text_dim/patch_size absent → defaults)
+        return WanConfig(in_dim=c.get("in_dim", 16), out_dim=c.get("out_dim", 16), dim=c["dim"],
+                         ffn_dim=c["ffn_dim"], freq_dim=c.get("freq_dim", 256), text_dim=c.get("text_dim", 4096),
+                         text_len=c.get("text_len", 512), num_heads=c["num_heads"], num_layers=c["num_layers"],
+                         patch_size=tuple(c.get("patch_size", (1, 2, 2))), eps=c.get("eps", 1e-6))
+    return None
+
+
+# -----------------------------------------------------------------------------
+# smoke run: `python model.py` (make demo until sample.py exists)
+
+if __name__ == "__main__":
+    import time
+
+    torch.manual_seed(0)
+    cfg = WanConfig.from_preset("toy")
+    model = CausalWanModel(cfg).eval()
+    nn.init.normal_(model.head.head.weight, std=0.02)  # a fresh head predicts 0; make the smoke run non-trivial
+    print(f"toy preset: {model.num_params():,} parameters, {cfg}")
+    B, num_frames = 1, 12
+    context = torch.randn(B, cfg.text_len, cfg.text_dim)
+    noise = torch.randn(B, num_frames, cfg.in_dim, 16, 16)
+    with torch.no_grad():
+        t = torch.full((B, num_frames), 500.0)
+        full = model(noise, t, context, causal=True)
+        cache = KVCache(cfg, B, num_frames, model.tokens_per_frame(16, 16))
+        blocks = [model(noise[:, f:f + 1], t[:, f:f + 1], context, cache=cache, start_frame=f) for f in range(num_frames)]
+        err = (torch.cat(blocks, 1) - full).abs().max().item()
+    print(f"block-causal forward vs cached frame-by-frame rollout: max abs diff {err:.2e}")
+    start = time.time()
+    video = generate(model, noise, context, steps=warp_timesteps([1000, 500]),
+                     first_block_steps=warp_timesteps([1000, 750, 500, 250]), generator=torch.Generator().manual_seed(0))
+    print(f"generate(): {num_frames} frames, 2 steps (+4 for frame 0) in {time.time() - start:.2f}s -> "
+          f"latents {tuple(video.shape)}, mean {video.mean():.3f}, std {video.std():.3f}")
