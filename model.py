@@ -546,6 +546,8 @@ class CausalWanModel(nn.Module):
             assert num_frames == K and start_frame % K == 0, \
                 f"cached calls run one block of {K} frame(s) at a block boundary; got {num_frames} at {start_frame}"
             cache.check_block(start_frame, num_frames, B)
+            assert cache.context is None or cache.context is context, \
+                "this KVCache holds another context's text keys/values; call cache.reset() for a new prompt"
             mode = "cached"
         elif clean_x is not None:
             assert clean_x.shape == x.shape, f"clean_x {tuple(clean_x.shape)} must match x {tuple(x.shape)}"
@@ -583,8 +585,7 @@ class CausalWanModel(nn.Module):
             tokens = tokens[:, num_frames * S:]  # keep the noisy half [B, F·S, D]
         if mode == "cached":
             cache.filled_frames = max(cache.filled_frames, start_frame + num_frames)
-            if cache.context is None:
-                cache.context = context
+            cache.context = context
         return self.unpatchify(self.head(tokens, e), num_frames, H, W)  # [B, F, C_out, H, W]
 
 

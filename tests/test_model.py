@@ -199,8 +199,11 @@ def test_kv_cache_rejects_gaps_and_overflow_and_resets():
         with pytest.raises(AssertionError, match="cache size"):
             model(x, t, context, cache=cache, start_frame=3)
         assert cache.filled_frames == 3
+        with pytest.raises(AssertionError, match="another context"):
+            model(x, t, context.clone(), cache=cache, start_frame=0)  # cached text K/V belong to `context`
         cache.reset()
         assert cache.filled_frames == 0 and cache.context_kv[0] is None
+        model(x, t, context.clone(), cache=cache, start_frame=0)  # after reset a new prompt is fine
 
 
 def test_rerunning_a_block_overwrites_its_slots():

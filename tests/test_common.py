@@ -1,0 +1,102 @@
+"""common.py: strict config loading, atomic checkpoints, EMA arithmetic, metrics log."""
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import common
+
+
+@dataclass
+class DemoConfig:
+    lr: float = 2e-6
+    steps: int = 100
+    name: str = "run"
+    causal: bool = True
+    step_list: list = (1000, 500)
+    init_from: str | None = None
+
+
+def test_config_defaults_yaml_then_cli(tmp_path):
+    path = tmp_path / "delta.yaml"
+    path.write_text("lr: 1e-4\nsteps: 5\nstep_list: [1000]\n")  # yaml reads 1e-4 as a string: parsed as float
+    cfg = common.load_config(DemoConfig, ["--config", str(path), "--steps=7", "--causal=false", "--init_from=a/b"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.steps == 7 and cfg.causal is False and cfg.step_list == [1000] and cfg.init_from == "a/b"
+    assert common.load_config(DemoConfig, []).name == "run"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stepz=3"], "unknown config key 'stepz'"),
+    (["--steps=3.5"], "expects int"),
+    (["--causal=yes"], "expects bool"),
+    (["--lr=fast"], "expects float"),
+    (["steps=3"], "cannot parse argument"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+])
+def test_config_errors_are_one_clear_line(argv, message):
+    with pytest.raises(common.ConfigError, match=message) as err:
+        common.load_config(DemoConfig, argv)
+    assert "\n" not in str(err.value)
+
+
+def test_config_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rate: 1.0\n")
+    with pytest.raises(common.ConfigError, match=r"unknown config key 'learning_rate' in .*bad.yaml"):
+        common.load_config(DemoConfig, ["--config", str(path)])
+
+
+def test_checkpoint_roundtrip_and_latest_pointer(tmp_path):
+    weights = {"model": {"w": torch.arange(6.0).view(2, 3)}, "ema": {"w": torch.ones(2, 3)}}
+    state = {"step": 3, "rng": common.rng_state(), "optimizer": {"lr": torch.tensor(0.1)}}
+    path = common.save_checkpoint(str(tmp_path), 3, weights, state, {"model_config": {"dim": 8}})
+    assert common.latest_checkpoint(str(tmp_path)) == path
+    loaded_weights, loaded_state, config = common.load_checkpoint_state(path)
+    assert torch.equal(loaded_weights["model"]["w"], weights["model"]["w"])
+    assert torch.equal(loaded_weights["ema"]["w"], weights["ema"]["w"])
+    assert loaded_state["step"] == 3 and config["model_config"] == {"dim": 8} and config["step"] == 3
+
+
+def test_interrupted_checkpoint_write_leaves_previous_loadable(tmp_path, monkeypatch):
+    first = common.save_checkpoint(str(tmp_path), 1, {"model": {"w": torch.zeros(2)}}, {"step": 1}, {})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(common.os, "rename", crash)  # dies after the files are written, before the rename
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(str(tmp_path), 2, {"model": {"w": torch.ones(2)}}, {"step": 2}, {})
+    monkeypatch.undo()
+    assert common.latest_checkpoint(str(tmp_path)) == first
+    weights, state, _ = common.load_checkpoint_state(first)
+    assert state["step"] == 1 and torch.equal(weights["model"]["w"], torch.zeros(2))
+    assert not os.path.exists(os.path.join(tmp_path, "step_0000002"))
+    common.save_checkpoint(str(tmp_path), 3, {"model": {"w": torch.ones(2)}}, {"step": 3}, {})
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]  # the leftover is cleaned up
+
+
+def test_ema_update_by_hand():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = common.EMA(model)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, decay=0.99)
+    assert ema.shadow["weight"].item() == pytest.approx(0.99 * 1.0 + 0.01 * 3.0)
+    ema.update(model, decay=0.99)
+    assert ema.shadow["weight"].item() == pytest.approx(0.99 * 1.02 + 0.01 * 3.0)
+    ema.copy_to(model)
+    assert model.weight.item() == pytest.approx(1.0398)
+
+
+def test_metrics_log_truncates_on_resume(tmp_path):
+    log = common.MetricsLog(str(tmp_path))
+    for step in range(1, 6):
+        log.log(step, loss=1.0 / step)
+    resumed = common.MetricsLog(str(tmp_path), resume_step=3)
+    assert [r["step"] for r in resumed.rows()] == [1, 2, 3]
+    resumed.log(4, loss=0.3)
+    assert [r["step"] for r in resumed.rows()] == [1, 2, 3, 4]
