@@ -12,14 +12,11 @@ import dataclasses
 import json
 import os
 import re
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-
-from model import (  # noqa: E402
+from model import (
     CausalWanModel,
     WanConfig,
     WeightLoadError,
