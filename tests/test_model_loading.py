@@ -26,7 +26,8 @@ from model import (
     wan_to_diffusers_key,
 )
 
-from diffusers import WanTransformer3DModel  # the independent reference; a hard requirement
+import diffusers  # the independent reference; a hard requirement, never skipped
+from diffusers import WanTransformer3DModel
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
