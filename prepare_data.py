@@ -1,0 +1,246 @@
+"""
+Videos + captions -> latent shards, the training data of every stage (DESIGN.md §5).
+
+A shard is two files in the output directory:
+  shard_00000.safetensors   tensor "latents" [N, F, C, h, w], float16 (normalised latent space of the codec)
+  shard_00000.json          {"prompts": [N strings], "videos"/"objects": per-sample metadata,
+                             "skipped": [{"video", "reason"}], "settings": {...}}
+Both are written to temporary names and renamed, the JSON last: a shard exists exactly when its JSON does, so
+an interrupted run never leaves a half-written shard that looks finished, and re-running skips finished shards.
+Which input lands in which shard depends only on its position in the captions file (shard k holds entries
+k*shard_size ...), so a re-run after a crash produces the same shards.
+
+Real videos:  python prepare_data.py --videos DIR --captions captions.csv --out data/real --wan_dir Wan2.1-T2V-1.3B
+  The captions file is CSV with a header containing `video` and `caption`, or JSONL with those keys; `video`
+  is a path relative to --videos. Each clip: its first --num_frames (4k+1) frames, resized to cover
+  --height x --width and centre-cropped, encoded in batches by the Wan VAE. Unreadable or too-short videos are
+  skipped, reported and counted; they never stop the run.
+Toy world:    python prepare_data.py --toy 2048 --out data/toy [--seed 0]
+  Renders toyworld clips (never a held-out combination) and stores their pixel-codec latents.
+Readers for the stage scripts: list_shards(dir), load_shard(path) -> (latents float32, prompts).
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# ---- shard files ----
+
+def shard_paths(out_dir, index):
+    out_dir = Path(out_dir)
+    return out_dir / f"shard_{index:05d}.safetensors", out_dir / f"shard_{index:05d}.json"
+
+
+def _atomic_write(path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(out_dir, index, latents, record):
+    """latents [N, F, C, h, w] (N may be 0: then only the JSON is written, recording what was skipped)."""
+    tensor_path, json_path = shard_paths(out_dir, index)
+    assert len(record["prompts"]) == latents.shape[0], f"{latents.shape[0]} latents but {len(record['prompts'])} prompts"
+    if latents.shape[0] > 0:
+        _atomic_write(tensor_path, lambda p: save_file({"latents": latents.contiguous()}, str(p)))
+    _atomic_write(json_path, lambda p: p.write_text(json.dumps(record, ensure_ascii=False, indent=1)))   # last: the marker
+
+
+def _shard_done(out_dir, index, settings):
+    """True if shard `index` was finished by an earlier run with the same settings (a mismatch is an error:
+    mixing resolutions or codecs in one directory would silently corrupt training)."""
+    _, json_path = shard_paths(out_dir, index)
+    if not json_path.exists():
+        return None
+    record = json.loads(json_path.read_text())
+    assert record["settings"] == settings, f"{json_path} was written with {record['settings']}, this run uses {settings}"
+    return record
+
+
+def list_shards(data_dir):
+    """Finished, non-empty shards, in order (a shard is finished when its JSON exists)."""
+    shards = []
+    for json_path in sorted(Path(data_dir).glob("shard_*.json")):
+        tensor_path = json_path.with_suffix(".safetensors")
+        if tensor_path.exists():
+            shards.append(tensor_path)
+    return shards
+
+
+def load_shard(path):
+    """-> latents [N, F, C, h, w] float32, prompts [N]."""
+    path = Path(path)
+    latents = load_file(str(path))["latents"].float()
+    prompts = json.loads(path.with_suffix(".json").read_text())["prompts"]
+    assert latents.shape[0] == len(prompts), f"{path}: {latents.shape[0]} latents but {len(prompts)} prompts"
+    return latents, prompts
+
+
+# -----------------------------------------------------------------------------
+# ---- reading real videos ----
+
+def read_captions(path):
+    """CSV (header with `video`, `caption`) or JSONL (objects with those keys) -> [{"video", "caption"}]."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    for i, row in enumerate(rows):
+        assert "video" in row and "caption" in row, f"{path} row {i}: needs `video` and `caption`, has {sorted(row)}"
+    return [{"video": r["video"], "caption": r["caption"]} for r in rows]
+
+
+def resize_center_crop(frames, height, width):
+    """uint8 [T, H0, W0, 3] -> float [T, 3, height, width] in [-1, 1]: scale to cover, then centre-crop."""
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float()                  # [T, 3, H0, W0]
+    H0, W0 = x.shape[2:]
+    scale = max(height / H0, width / W0)
+    size = (max(height, round(H0 * scale)), max(width, round(W0 * scale)))
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    x = x[:, :, top:top + height, left:left + width]                         # [T, 3, height, width]
+    return (x / 127.5 - 1).clamp(-1, 1)   # bilinear can overshoot [0, 255] by rounding only
+
+
+def read_video(path, num_frames, height, width):
+    """The first `num_frames` frames -> [T, 3, height, width] in [-1, 1]. Raises ValueError if too short."""
+    import imageio.v2 as imageio
+    frames = []
+    with imageio.get_reader(str(path), "ffmpeg") as reader:
+        for frame in reader:
+            frames.append(frame[..., :3])
+            if len(frames) == num_frames:
+                break
+    if len(frames) < num_frames:
+        raise ValueError(f"too short: {len(frames)} frames < {num_frames}")
+    return resize_center_crop(torch.stack([torch.as_tensor(f) for f in frames]), height, width)
+
+
+# -----------------------------------------------------------------------------
+# ---- preparing shards ----
+
+@torch.no_grad()
+def prepare_videos(entries, video_dir, out_dir, codec, height, width, num_frames, shard_size=256, batch_size=4,
+                   device="cpu"):
+    """Encode `entries` ([{"video", "caption"}]) into shards with `codec` (anything with encode()).
+    Returns a summary dict; skipped videos are listed with their reason."""
+    assert (num_frames - 1) % codec.temporal_factor == 0, f"num_frames {num_frames} must be {codec.temporal_factor}k+1 for this codec"
+    assert height % codec.spatial_factor == 0 and width % codec.spatial_factor == 0, f"{height}x{width} not divisible by {codec.spatial_factor}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(height=height, width=width, num_frames=num_frames, codec=type(codec).__name__)
+    summary = dict(written=0, skipped=[], shards_written=0, shards_reused=0)
+    bar = tqdm(total=len(entries), desc="videos", unit="video")
+    for k in range(math.ceil(len(entries) / shard_size)):
+        chunk = entries[k * shard_size:(k + 1) * shard_size]
+        done = _shard_done(out_dir, k, settings)
+        if done is not None:
+            summary["written"] += len(done["prompts"])
+            summary["skipped"] += done["skipped"]
+            summary["shards_reused"] += 1
+            bar.update(len(chunk))
+            continue
+        good, skipped = [], []
+        for entry in chunk:
+            try:
+                good.append((entry, read_video(Path(video_dir) / entry["video"], num_frames, height, width)))
+            except Exception as e:   # any decoder failure means "unreadable": record it and go on
+                skipped.append({"video": entry["video"], "reason": f"{type(e).__name__}: {e}".splitlines()[0][:200]})
+                tqdm.write(f"skipping {entry['video']}: {skipped[-1]['reason']}")
+            bar.update(1)
+        latents = []
+        for i in range(0, len(good), batch_size):
+            batch = torch.stack([v for _, v in good[i:i + batch_size]]).to(device)   # [b, T, 3, H, W]
+            latents.append(codec.encode(batch).to("cpu", torch.float16))             # [b, F, C, h, w]
+        latents = torch.cat(latents) if latents else torch.zeros(0)
+        write_shard(out_dir, k, latents, dict(prompts=[e["caption"] for e, _ in good],
+                                              videos=[e["video"] for e, _ in good], skipped=skipped, settings=settings))
+        summary["written"] += len(good)
+        summary["skipped"] += skipped
+        summary["shards_written"] += 1
+    bar.close()
+    return summary
+
+
+@torch.no_grad()
+def prepare_toy(n, out_dir, seed=0, shard_size=512):
+    """n toy-world training clips -> shards of ToyCodec latents (float16, exact for the toy palette)."""
+    import toyworld
+    codec = toyworld.ToyCodec()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = dict(toy=True, seed=seed, frames=toyworld.TOY_FRAMES, size=toyworld.TOY_SIZE, codec="ToyCodec")
+    summary = dict(written=0, skipped=[], shards_written=0, shards_reused=0)
+    for k in tqdm(range(math.ceil(n / shard_size)), desc="toy shards", unit="shard"):
+        start = k * shard_size
+        count = min(shard_size, n - start)
+        done = _shard_done(out_dir, k, settings)
+        if done is not None:
+            assert len(done["prompts"]) == count, f"shard {k} holds {len(done['prompts'])} clips, expected {count}"
+            summary["written"] += count
+            summary["shards_reused"] += 1
+            continue
+        videos, prompts, meta = toyworld.sample_training_videos(count, seed, start=start)   # [n, T, 3, H, W]
+        latents = codec.encode(videos).half()                                                # [n, T, 12, 16, 16]
+        assert torch.equal(codec.decode(latents.float()), videos), "fp16 toy latents must be lossless"
+        write_shard(out_dir, k, latents, dict(prompts=prompts, objects=[m["objects"] for m in meta],
+                                              index=[m["index"] for m in meta], skipped=[], settings=settings))
+        summary["written"] += count
+        summary["shards_written"] += 1
+    return summary
+
+
+def print_summary(summary, out_dir):
+    print(f"{out_dir}: {summary['written']} clips in shards ({summary['shards_written']} written now, "
+          f"{summary['shards_reused']} already finished), {len(summary['skipped'])} skipped")
+    for s in summary["skipped"]:
+        print(f"  skipped {s['video']}: {s['reason']}")
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory of shards")
+    p.add_argument("--toy", type=int, default=0, help="write N toy-world clips instead of encoding videos")
+    p.add_argument("--seed", type=int, default=0, help="toy-world seed")
+    p.add_argument("--videos", help="directory of videos")
+    p.add_argument("--captions", help="CSV or JSONL with `video` and `caption`")
+    p.add_argument("--wan_dir", help="Wan2.1 folder (Wan2.1_VAE.pth) or diffusers VAE folder")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--num_frames", type=int, default=81, help="4k+1 pixel frames (81 -> 21 latent frames)")
+    p.add_argument("--shard_size", type=int, default=None, help="clips per shard (default: 512 toy, 256 real)")
+    p.add_argument("--batch_size", type=int, default=4, help="videos per VAE encode call")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    t0 = time.time()
+    if args.toy:
+        summary = prepare_toy(args.toy, args.out, args.seed, args.shard_size or 512)
+    else:
+        assert args.videos and args.captions and args.wan_dir, "real data needs --videos, --captions and --wan_dir (or use --toy N)"
+        import encoders
+        codec = encoders.load_codec(args.wan_dir, args.device)
+        summary = prepare_videos(read_captions(args.captions), args.videos, args.out, codec, args.height, args.width,
+                                 args.num_frames, args.shard_size or 256, args.batch_size, args.device)
+    print_summary(summary, args.out)
+    print(f"done in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
