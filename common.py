@@ -5,8 +5,10 @@ teaches are in that stage's file). Sections:
   config        a flat dataclass of defaults per script + yaml deltas (--config) + --key=value overrides;
                 unknown keys and wrong types are errors
   distributed   torchrun setup (nccl on CUDA, gloo on CPU), per-rank seeds, rank-0-only side effects
-  checkpoints   atomic checkpoint directories (DESIGN §5) with a `latest` pointer
-  EMA           an fp32 shadow of the trainable parameters
+  FSDP2         fully_shard per block + root, mixed precision, full state dicts
+  checkpoints   atomic checkpoint directories (DESIGN §5) with a `latest` pointer; exact resume
+  EMA           a trailing copy of the model, updated after every optimizer step
+  data          latent shards in a deterministic, resumable order
   logging       stdout + JSONL metrics (+ optional wandb), a loss-curve PNG
   media         mp4 and PNG writing
 """
@@ -118,6 +120,14 @@ def load_config(config_cls, argv=None):
     return config_cls(**values)
 
 
+def cli_config(config_cls):
+    """load_config for a script's __main__: a bad key or value ends the run with one line, no traceback."""
+    try:
+        return load_config(config_cls)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+
+
 def format_config(cfg):
     return "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items())
 
@@ -174,6 +184,144 @@ def print0(*args, **kwargs):
 def rank_generator(seed, rank, device="cpu"):
     """A torch.Generator seeded from the config seed and the rank (every rank draws different noise)."""
     return torch.Generator(device=device).manual_seed(seed * 1000003 + rank)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: shard each transformer block and the root
+#
+# Under torchrun every model is wrapped with fully_shard (DESIGN §7): blocks one by one, then the root. On
+# CUDA with mixed_precision the parameters are gathered in bf16 and gradients reduced in fp32; the time
+# embedding MLPs and the head keep fp32 parameters, as the original Wan computes them in fp32. Forward inputs
+# are never cast by FSDP (cast_forward_inputs=False): timesteps must stay fp32 and the model casts its own
+# activations. A single process (a laptop, one GPU) uses the plain module, with bf16 autocast on CUDA.
+
+
+def shard_model(model, dist_ctx, mixed_precision=True, cpu_offload=False):
+    """Apply FSDP2 in place when running distributed; returns the model (a no-op for a single process)."""
+    if not dist_ctx.enabled:
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    on_cuda = dist_ctx.device.type == "cuda"
+    low = torch.bfloat16 if (mixed_precision and on_cuda) else None
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None,
+                                  cast_forward_inputs=False)
+    fp32_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None, cast_forward_inputs=False)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy, offload_policy=offload)
+    for fp32_module in (model.time_embedding, model.time_projection, model.head):
+        fully_shard(fp32_module, mp_policy=fp32_policy, offload_policy=offload)
+    fully_shard(model, mp_policy=policy, offload_policy=offload)
+    return model
+
+
+def autocast_context(dist_ctx, mixed_precision=True):
+    """bf16 autocast for a single process, on CUDA or CPU (FSDP2 handles precision when distributed; on a
+    distributed CPU run — the gloo tests — everything stays fp32). Else a no-op."""
+    import contextlib
+    if mixed_precision and not dist_ctx.enabled:
+        return torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def full_model_state(model):
+    """The full (unsharded) state dict on CPU; a collective under FSDP2 (call on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def full_optimizer_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(model, max_norm):
+    """Total gradient norm (before clipping) as a float; works for plain and FSDP2 (DTensor) parameters."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+# -----------------------------------------------------------------------------
+# data: latent shards (prepare_data.py) in a deterministic, resumable order
+#
+# Sample counter j (counted over the whole run) maps to epoch j // N and item perm_epoch[j % N], with
+# perm_epoch a permutation seeded by (seed, epoch). Global micro-batch k holds counters [k·G, (k+1)·G) with
+# G = world_size · batch_size, and rank r takes its contiguous slice. The whole data position is therefore
+# one integer, and a run on 2 ranks sees exactly the samples of a 1-rank run with twice the batch.
+
+
+class LatentShards:
+    """All finished shards of a directory, read lazily row by row (safetensors memory map)."""
+
+    def __init__(self, data_dir, tensor="latents"):
+        from prepare_data import list_shards
+        self.tensor = tensor
+        self.paths = list_shards(data_dir)
+        if not self.paths:
+            raise FileNotFoundError(f"no finished latent shards in {data_dir}; run prepare_data.py first "
+                                    f"(e.g. python prepare_data.py --toy 4096 --out {data_dir})")
+        self.index, self.prompts = [], []
+        for shard, path in enumerate(self.paths):
+            with open(os.path.splitext(path)[0] + ".json") as f:
+                prompts = json.load(f)["prompts"]
+            self.index += [(shard, row) for row in range(len(prompts))]
+            self.prompts += prompts
+        self._handles = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def get(self, i, tensor=None):
+        """-> row i of the shard tensor (default `latents` [F, C, H, W]) as float32, prompt."""
+        from safetensors import safe_open
+        shard, row = self.index[i]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.paths[shard]), framework="pt")
+        return self._handles[shard].get_slice(tensor or self.tensor)[row].float(), self.prompts[i]
+
+
+class DataOrder:
+    def __init__(self, num_items, seed):
+        self.num_items, self.seed = num_items, seed
+        self._perms = {}
+
+    def item(self, counter):
+        epoch, position = divmod(counter, self.num_items)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.num_items, generator=torch.Generator().manual_seed(
+                self.seed * 7919 + epoch))}
+        return self._perms[epoch][position].item()
+
+    def batch_counters(self, micro_batch, batch_size, rank, world_size):
+        """Sample counters of this rank in global micro-batch `micro_batch`."""
+        first = micro_batch * batch_size * world_size + rank * batch_size
+        return list(range(first, first + batch_size))
+
+
+def gather_batch(data, order, counters, seed):
+    """The samples behind this rank's sample counters -> x0 [B, F, C, H, W] float32, prompts [B] and one
+    generator per sample (for its noise, timesteps and text dropout)."""
+    items = [data.get(order.item(c)) for c in counters]
+    return (torch.stack([latents for latents, _ in items]), [prompt for _, prompt in items],
+            [sample_generator(seed, c) for c in counters])
+
+
+def sample_generator(seed, counter, device="cpu"):
+    """The generator of one training sample: its noise, timestep and text dropout depend only on the run seed
+    and the sample counter — not on the rank layout or on when the run was resumed."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + counter)
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +385,11 @@ def save_checkpoint(out_dir, step, weights, state, config):
     return final
 
 
+def resolve_checkpoint(path):
+    """A run directory (with a `latest` pointer) -> its newest checkpoint; anything else is returned as is."""
+    return latest_checkpoint(path) if os.path.isfile(os.path.join(path, "latest")) else path
+
+
 def latest_checkpoint(out_dir):
     """The directory `latest` points to, or None when the run has no complete checkpoint yet."""
     pointer = os.path.join(out_dir, "latest")
@@ -260,6 +413,46 @@ def load_checkpoint_state(path):
     return weights, state, config
 
 
+def save_training_checkpoint(out_dir, step, dist_ctx, modules, optimizers, run_config, log=None,
+                             curve_keys=("loss", "grad_norm")):
+    """Gather and save everything a run needs to continue exactly (a collective under FSDP2: call on every
+    rank). modules: {'model': m, 'ema': m, 'critic': m} (None entries skipped); optimizers: {name: (module,
+    optimizer)}. The RNG state of every rank is kept; data position and sample randomness derive from step."""
+    weights = {name: full_model_state(m) for name, m in modules.items() if m is not None}
+    state = {"step": step, "optimizers": {name: full_optimizer_state(m, opt) for name, (m, opt) in optimizers.items()}}
+    rng = [None] * dist_ctx.world_size
+    if dist_ctx.enabled:
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    state["rng"] = rng
+    path = None
+    if dist_ctx.is_main:
+        path = save_checkpoint(out_dir, step, weights, state, run_config)
+        if log is not None:
+            plot_curves(log.rows(), list(curve_keys), os.path.join(out_dir, "loss.png"))
+        print(f"saved {path}", flush=True)
+    if dist_ctx.enabled:
+        dist.barrier()
+    return path
+
+
+def resume_training_checkpoint(path, dist_ctx, modules, optimizers):
+    """Load a checkpoint written by save_training_checkpoint into the (possibly sharded) modules and
+    optimizers and restore this rank's RNG. Returns the step to continue from."""
+    weights, state, _ = load_checkpoint_state(path)
+    for name, m in modules.items():
+        if m is not None:
+            assert name in weights, f"{path} has no {name}.safetensors to resume from"
+            load_full_model_state(m, weights[name])
+    for name, (m, opt) in optimizers.items():
+        load_full_optimizer_state(m, opt, state["optimizers"][name])
+    assert len(state["rng"]) == dist_ctx.world_size, \
+        f"{path} was written by {len(state['rng'])} ranks; resume with the same number of ranks"
+    set_rng_state(state["rng"][dist_ctx.rank])
+    return state["step"]
+
+
 def rng_state():
     """Every RNG a run draws from, for exact resume (explicit generators are saved by their owners)."""
     state = {"torch": torch.get_rng_state()}
@@ -275,37 +468,23 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# EMA
+# EMA: a second copy of the model whose weights trail the trained ones (sharded like them under FSDP2, so
+# the update is local to each rank and the EMA model can run forward passes: the Stage-2 target θ⁻,
+# the sampled weights of every stage)
 
 
-class EMA:
-    """Exponential moving average of the trainable parameters, kept in fp32:
-    shadow ← decay·shadow + (1 − decay)·param, called after every optimizer step."""
+def make_ema(model):
+    """A frozen copy of `model` to be updated with ema_update (create it before sharding)."""
+    import copy
+    return copy.deepcopy(model).requires_grad_(False)
 
-    def __init__(self, model):
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
-    @torch.no_grad()
-    def update(self, model, decay):
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, model):
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                p.copy_(self.shadow[name])
-
-    def state_dict(self):
-        return dict(self.shadow)
-
-    def load_state_dict(self, state):
-        missing = sorted(set(self.shadow) - set(state))
-        unexpected = sorted(set(state) - set(self.shadow))
-        assert not missing and not unexpected, f"EMA state mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """θ⁻ ← decay·θ⁻ + (1 − decay)·θ for every parameter (in the parameters' own fp32 storage)."""
+    for (name_ema, p_ema), (name, p) in zip(ema_model.named_parameters(), model.named_parameters()):
+        assert name_ema == name, f"EMA parameter {name_ema} does not line up with {name}"
+        p_ema.lerp_(p.detach(), 1.0 - decay)
 
 
 # -----------------------------------------------------------------------------

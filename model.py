@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # attention backends, chosen in one place
@@ -465,6 +466,7 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.gradient_checkpointing = False  # recompute each block in backward (activation checkpointing)
         self.init_weights()
 
     def init_weights(self):
@@ -580,7 +582,12 @@ class CausalWanModel(nn.Module):
 
         # transformer
         for layer, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, start_frame)
+            args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, start_frame)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # with a cache the recomputation re-writes this block's slots with the same detached values
+                tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens = block(*args)
         if mode == "teacher_forcing":
             tokens = tokens[:, num_frames * S:]  # keep the noisy half [B, F·S, D]
         if mode == "cached":
@@ -730,6 +737,26 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
         if on_block is not None:
             on_block(block, start, x0)
     return torch.cat(outputs, dim=1)  # [B, F, C, H, W]
+
+
+@torch.no_grad()
+def generate_bidirectional(model, noise, context, *, steps, uncond_context=None, guidance_scale=1.0):
+    """Sample a whole clip at once with a bidirectional model: Euler on the flow ODE over `steps` (descending
+    timesteps, the last step goes to σ = 0), CFG u + w·(c − u). noise [B, F, C, H, W] -> x0 [B, F, C, H, W]."""
+    use_cfg = guidance_scale != 1.0
+    assert not use_cfg or uncond_context is not None, "guidance_scale != 1 needs uncond_context"
+    B, num_frames = noise.shape[:2]
+    x = noise
+    for i, t_value in enumerate(steps):
+        t = torch.full((2 * B if use_cfg else B, num_frames), float(t_value), device=noise.device)
+        if use_cfg:
+            v_cond, v_uncond = model(torch.cat([x, x]), t, torch.cat([context, uncond_context]), causal=False).chunk(2)
+            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        else:
+            v = model(x, t, context, causal=False)
+        t_next = steps[i + 1] if i + 1 < len(steps) else 0.0
+        x = (x.float() + (t_next - t_value) / 1000.0 * v.float()).to(noise.dtype)
+    return x
 
 
 # -----------------------------------------------------------------------------

@@ -81,15 +81,15 @@ def test_ema_update_by_hand():
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema = common.EMA(model)
+    ema = common.make_ema(model)
+    assert not ema.weight.requires_grad
     with torch.no_grad():
         model.weight.fill_(3.0)
-    ema.update(model, decay=0.99)
-    assert ema.shadow["weight"].item() == pytest.approx(0.99 * 1.0 + 0.01 * 3.0)
-    ema.update(model, decay=0.99)
-    assert ema.shadow["weight"].item() == pytest.approx(0.99 * 1.02 + 0.01 * 3.0)
-    ema.copy_to(model)
-    assert model.weight.item() == pytest.approx(1.0398)
+    common.ema_update(ema, model, decay=0.99)
+    assert ema.weight.item() == pytest.approx(0.99 * 1.0 + 0.01 * 3.0)
+    common.ema_update(ema, model, decay=0.99)
+    assert ema.weight.item() == pytest.approx(0.99 * 1.02 + 0.01 * 3.0)
+    assert model.weight.item() == 3.0  # the trained model is untouched
 
 
 def test_metrics_log_truncates_on_resume(tmp_path):
