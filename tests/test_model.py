@@ -440,3 +440,25 @@ def test_import_model_pulls_in_neither_diffusers_nor_transformers():
     code = "import sys, model; bad = [m for m in ('diffusers', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(__import__('pathlib').Path(M.__file__).parent))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(1, seed=13)
+        model.gradient_checkpointing = checkpointing
+        x, context, _ = inputs(model)
+        model(x, torch.full((2, 6), 500.0), context, clean_x=x * 0.5).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_generate_bidirectional_cfg_one_step_by_hand():
+    model = tiny_model(1)
+    noise, context, _ = inputs(model, B=1, num_frames=3)
+    uncond = torch.zeros_like(context)
+    out = M.generate_bidirectional(model, noise, context, steps=[600.0], uncond_context=uncond, guidance_scale=2.0)
+    with torch.no_grad():
+        t = torch.full((1, 3), 600.0)
+        v_c, v_u = model(noise, t, context, causal=False), model(noise, t, uncond, causal=False)
+    assert rel_err(out, noise - 0.6 * (v_u + 2.0 * (v_c - v_u))) <= 1e-5
