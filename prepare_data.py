@@ -50,11 +50,15 @@ def _atomic_write(path, write):
 
 
 def write_shard(out_dir, index, latents, record):
-    """latents [N, F, C, h, w] (N may be 0: then only the JSON is written, recording what was skipped)."""
+    """latents [N, F, C, h, w] (N may be 0: then only the JSON is written, recording what was skipped), or a
+    dict of tensors with N rows each that includes "latents" (the Stage-2 ODE trajectories add "states")."""
+    tensors = latents if isinstance(latents, dict) else {"latents": latents}
+    count = tensors["latents"].shape[0]
     tensor_path, json_path = shard_paths(out_dir, index)
-    assert len(record["prompts"]) == latents.shape[0], f"{latents.shape[0]} latents but {len(record['prompts'])} prompts"
-    if latents.shape[0] > 0:
-        _atomic_write(tensor_path, lambda p: save_file({"latents": latents.contiguous()}, str(p)))
+    assert len(record["prompts"]) == count, f"{count} latents but {len(record['prompts'])} prompts"
+    assert all(v.shape[0] == count for v in tensors.values()), "every shard tensor needs one row per clip"
+    if count > 0:
+        _atomic_write(tensor_path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
     _atomic_write(json_path, lambda p: p.write_text(json.dumps(record, ensure_ascii=False, indent=1)))   # last: the marker
 
 

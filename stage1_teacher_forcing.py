@@ -224,7 +224,8 @@ def main(cfg):
                                                          per_video=not cfg.causal)
                 noise.append(torch.randn(x0.shape[1:], generator=g))
                 drop.append(bool(torch.rand((), generator=g) < cfg.text_dropout))
-                t.append(t_sample), weight.append(grid_weights[index])
+                t.append(t_sample)
+                weight.append(grid_weights[index])
             x0, noise = x0.to(device), torch.stack(noise).to(device)  # [B, F, C, H, W]
             t, weight = torch.stack(t).to(device), torch.stack(weight).to(device)  # [B, F]
             context = text.encode(prompts).to(device)  # [B, Lt, E]
