@@ -453,6 +453,27 @@ def resume_training_checkpoint(path, dist_ctx, modules, optimizers):
     return state["step"]
 
 
+def export_weights(checkpoint, out_dir, use_ema=True, dtype=torch.float16, note=""):
+    """Write a small inference checkpoint (model.safetensors in `dtype` + config.json) from a training
+    checkpoint directory: the EMA weights by default. This is how checkpoints/toy/* are made."""
+    from safetensors.torch import load_file, save_file
+    checkpoint = resolve_checkpoint(checkpoint)
+    name = "ema.safetensors" if use_ema else "model.safetensors"
+    weights = load_file(os.path.join(checkpoint, name))
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        config = json.load(f)
+    tmp = tempfile.mkdtemp(prefix=".tmp_export_", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+    save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({"model_config": config["model_config"], "exported_from": checkpoint, "weights": name,
+                   "dtype": str(dtype).replace("torch.", ""), "step": config.get("step"), "note": note,
+                   "run_config": config.get("run_config"), "git_commit": config.get("git_commit")}, f, indent=2)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
 def rng_state():
     """Every RNG a run draws from, for exact resume (explicit generators are saved by their owners)."""
     state = {"torch": torch.get_rng_state()}

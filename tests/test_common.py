@@ -100,3 +100,19 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     assert [r["step"] for r in resumed.rows()] == [1, 2, 3]
     resumed.log(4, loss=0.3)
     assert [r["step"] for r in resumed.rows()] == [1, 2, 3, 4]
+
+
+def test_export_weights_writes_a_loadable_fp16_checkpoint(tmp_path):
+    import model as M
+    cfg = M.WanConfig(in_dim=4, out_dim=4, dim=48, ffn_dim=96, freq_dim=32, text_dim=16, text_len=8,
+                      num_heads=2, num_layers=1)
+    net = M.CausalWanModel(cfg)
+    ema = {k: v + 1.0 for k, v in net.state_dict().items()}
+    from dataclasses import asdict
+    common.save_checkpoint(str(tmp_path / "run"), 5, {"model": net.state_dict(), "ema": ema}, {"step": 5},
+                           {"model_config": asdict(cfg)})
+    out = common.export_weights(str(tmp_path / "run"), str(tmp_path / "shipped"), use_ema=True)
+    fresh = M.CausalWanModel(M.config_from_checkpoint(out))
+    assert M.load_weights(fresh, out) == "ours"
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ema[k].half().float()), k  # the EMA weights, rounded to fp16
