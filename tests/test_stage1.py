@@ -146,6 +146,7 @@ def test_resume_is_bit_identical(toy_data, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]  # noqa
     assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
+    assert os.path.isfile(os.path.join(straight, "loss.png"))  # the loss curve written with each checkpoint
 
 
 def test_existing_run_without_resume_is_refused(toy_data, tmp_path):
