@@ -551,6 +551,35 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
 
+def mean_across_ranks(value, dist_ctx):
+    """The mean of a Python float over all ranks (for logging)."""
+    if not dist_ctx.enabled:
+        return value
+    tensor = torch.tensor(value, device=dist_ctx.device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist_ctx.world_size
+
+
+def preview_prompts(configured, num, text_encoder, data):
+    """Prompts of a run's periodic sample grid: the configured ones, else held-out toy prompts, else data."""
+    if configured:
+        return list(configured)
+    if text_encoder == "toy":
+        import toyworld
+        return toyworld.heldout_prompts()[:num]
+    return data.prompts[:num]
+
+
+def log_toybench(log, step, videos, prompts, write=print):
+    """Score a toy sample grid with ToyBench and log total/quality/semantic (toy runs only)."""
+    import toyworld
+    scores = toyworld.score(videos, prompts)
+    log.log(step, **{f"toybench/{k}": scores[k] for k in ("total", "quality", "semantic")})
+    write(f"step {step}: ToyBench total {scores['total']:.3f} quality {scores['quality']:.3f} "
+          f"semantic {scores['semantic']:.3f}")
+    return scores
+
+
 def plot_curves(rows, keys, path):
     """A small PNG of the given metrics against step. Needs matplotlib; returns False without it."""
     try:

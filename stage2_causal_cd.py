@@ -370,10 +370,7 @@ def main(cfg):
         done = step + 1
 
         # ---- logging, samples, checkpoints ----
-        if dist_ctx.enabled:
-            loss_tensor = torch.tensor(total_loss, device=device)
-            torch.distributed.all_reduce(loss_tensor)
-            total_loss = loss_tensor.item() / dist_ctx.world_size
+        total_loss = common.mean_across_ranks(total_loss, dist_ctx)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             seconds = (time.time() - step_start) / cfg.log_every
             log.log(done, loss=total_loss, grad_norm=grad_norm, sec_per_step=seconds,
@@ -382,18 +379,13 @@ def main(cfg):
             step_start = time.time()
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
-            prompts = list(cfg.sample_prompts) or (__import__("toyworld").heldout_prompts()[:cfg.num_samples]
-                                                   if cfg.text_encoder == "toy" else data.prompts[:cfg.num_samples])
+            prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data)
             path = os.path.join(cfg.out_dir, f"samples_{done:07d}.png") if dist_ctx.is_main else None
             sampled = ema if ema is not None else student.eval()  # CD: the EMA weights θ⁻ (what Stage 3 starts from)
             videos = sample_students(sampled, cfg, text, codec, prompts, latent_shape, device, path)
             student.train()
             if cfg.text_encoder == "toy" and dist_ctx.is_main:
-                import toyworld
-                scores = toyworld.score(videos, prompts)
-                log.log(done, **{f"toybench/{k}": scores[k] for k in ("total", "quality", "semantic")})
-                progress.write(f"step {done}: ToyBench total {scores['total']:.3f} quality {scores['quality']:.3f} "
-                               f"semantic {scores['semantic']:.3f} -> {path}")
+                common.log_toybench(log, done, videos, prompts, progress.write)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log)
     common.cleanup_distributed()

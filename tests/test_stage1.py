@@ -162,3 +162,12 @@ def test_unknown_config_key_fails_clearly():
     assert result.returncode != 0
     assert "unknown config key 'learning_rate'" in result.stderr
     shutil.rmtree(REPO / "runs" / "stage1_tf", ignore_errors=True)
+
+
+def test_sample_grid_png_and_toybench_row(toy_data, tmp_path):
+    out = str(tmp_path / "run")
+    S1.main(common.load_config(S1.Config, run_args(toy_data, out, sample_every=1, sample_steps=2, num_samples=2,
+                                                   ema_decay=0.5)))
+    assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert any("toybench/total" in r for r in rows)

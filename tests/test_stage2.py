@@ -190,3 +190,10 @@ def test_toy_ode_run_stores_trajectories_and_reports_cost(toy_teacher, tmp_path)
     assert first["ode/teacher_forwards"] == 2 * 8 * 8  # cond + uncond, 8 steps, 8 clips
     assert first["ode/bytes_written"] == sum(v.numel() * v.element_size() for v in shard.values())
     assert len(losses(out)) == 2
+
+
+def test_toy_cd_sample_grid(toy_teacher, tmp_path):
+    data, teacher = toy_teacher
+    out = str(tmp_path / "cd_grid")
+    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, out, max_steps=1, sample_every=1, num_samples=2)))
+    assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
