@@ -46,7 +46,7 @@ class Config:
     text_encoder: str = "wan_models/Wan2.1-T2V-1.3B"  # "toy" or a Wan folder (umT5-XXL)
     text_dropout: float = 0.0         # prompt -> negative prompt with this probability (classifier-free guidance)
     # flow matching
-    timestep_shift: float = 5.0
+    timestep_shift: float = 5.0       # t = 1000·shift(u), u a uniform index on the grid (1.0: uniform σ)
     num_train_timesteps: int = 1000   # size of the shifted grid t is drawn from
     loss_weighting: str = "gaussian"  # "gaussian" (official, zero weight at t = 1000) or "uniform"
     # optimisation
@@ -60,6 +60,8 @@ class Config:
     grad_accum: int = 8
     max_steps: int = 20000
     ema_decay: float = 0.0            # 0 = no EMA (as the official Stage 1)
+    ema_warmup: bool = False          # decay min(ema_decay, (1+step)/(10+step)): for training from scratch, so
+                                      # the EMA does not keep a share of the random initial weights
     # system
     device: str = "auto"
     mixed_precision: bool = True      # bf16 compute with fp32 master weights (and fp32 reduce under FSDP2)
@@ -73,6 +75,7 @@ class Config:
     save_every: int = 1000
     sample_every: int = 1000          # PNG grid of multi-step samples (0 = never)
     sample_steps: int = 50
+    sample_shift: float = 5.0         # shift of the sample grid's Euler steps (independent of training's)
     sample_guidance: float = 3.0      # CFG weight u + w(c − u) of the sample grid
     sample_prompts: list = ()         # empty: the first prompts of the data (toy: held-out prompts)
     num_samples: int = 4
@@ -128,7 +131,7 @@ def sample_grid(model, cfg, text, codec, prompts, shape, device, path):
     B = len(prompts)
     noise = torch.randn((B, *shape), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
     context, uncond = text.encode(prompts).to(device), text.encode([text.negative_prompt] * B).to(device)
-    steps = M.timestep_grid(cfg.sample_steps, cfg.timestep_shift).tolist()
+    steps = M.timestep_grid(cfg.sample_steps, cfg.sample_shift).tolist()
     was_training = model.training
     model.eval()
     if cfg.causal:
@@ -241,7 +244,8 @@ def main(cfg):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            common.ema_update(ema, model, cfg.ema_decay)
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+            common.ema_update(ema, model, decay)
         done = step + 1
 
         # ---- logging, samples, checkpoints ----
