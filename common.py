@@ -372,6 +372,7 @@ def save_checkpoint(out_dir, step, weights, state, config):
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is as readable as any other output
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -468,6 +469,7 @@ def export_weights(checkpoint, out_dir, use_ema=True, dtype=torch.float16, note=
         json.dump({"model_config": config["model_config"], "exported_from": checkpoint, "weights": name,
                    "dtype": str(dtype).replace("torch.", ""), "step": config.get("step"), "note": note,
                    "run_config": config.get("run_config"), "git_commit": config.get("git_commit")}, f, indent=2)
+    os.chmod(tmp, 0o755)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
