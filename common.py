@@ -391,6 +391,16 @@ def resolve_checkpoint(path):
     return latest_checkpoint(path) if os.path.isfile(os.path.join(path, "latest")) else path
 
 
+def resume_point(out_dir, resume):
+    """The checkpoint to continue from (--resume=true), or None for a fresh run; a fresh run into a directory
+    that already holds checkpoints is refused, so nothing is overwritten by accident."""
+    latest = latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    if not resume and latest is not None:
+        raise SystemExit(f"{out_dir} already holds checkpoints; pass --resume=true to continue, or choose "
+                         f"another --out_dir")
+    return latest
+
+
 def latest_checkpoint(out_dir):
     """The directory `latest` points to, or None when the run has no complete checkpoint yet."""
     pointer = os.path.join(out_dir, "latest")

@@ -158,10 +158,7 @@ def main(cfg):
     common.print0(f"stage 1 ({'teacher forcing' if cfg.causal else 'bidirectional'}), world size "
                   f"{dist_ctx.world_size}, device {device}\n{common.format_config(cfg)}")
     assert cfg.loss_weighting in ("gaussian", "uniform"), f"loss_weighting must be gaussian or uniform"
-    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if not cfg.resume and os.path.isdir(cfg.out_dir) and common.latest_checkpoint(cfg.out_dir):
-        raise SystemExit(f"{cfg.out_dir} already holds checkpoints; pass --resume=true to continue, or choose "
-                         f"another --out_dir")
+    resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- model ----
     init_from = common.resolve_checkpoint(cfg.init_from) if cfg.init_from else None

@@ -269,10 +269,7 @@ def main(cfg):
                   f" world size {dist_ctx.world_size}, device {device}\n{common.format_config(cfg)}")
     assert cfg.method in ("cd", "ode"), f"method must be 'cd' or 'ode', got {cfg.method!r}"
     assert cfg.cd_weighting in ("uniform", "inverse_gap"), f"cd_weighting must be uniform or inverse_gap"
-    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if not cfg.resume and os.path.isdir(cfg.out_dir) and common.latest_checkpoint(cfg.out_dir):
-        raise SystemExit(f"{cfg.out_dir} already holds checkpoints; pass --resume=true to continue, or choose "
-                         f"another --out_dir")
+    resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- models: frozen teacher φ, student θ, EMA student θ⁻ ----
     teacher, model_cfg = build_model(cfg.teacher, cfg.teacher_use_ema, "teacher (Stage-1 AR diffusion model)")
