@@ -19,7 +19,6 @@ Launch:
   ... --resume=true continues a stopped run from out_dir/latest to the same result.
 """
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
