@@ -572,14 +572,15 @@ def mean_across_ranks(value, dist_ctx):
     return tensor.item() / dist_ctx.world_size
 
 
-def preview_prompts(configured, num, text_encoder, data):
-    """Prompts of a run's periodic sample grid: the configured ones, else held-out toy prompts, else data."""
+def preview_prompts(configured, num, text_encoder, prompts):
+    """Prompts of a run's periodic sample grid: the configured ones, else held-out toy prompts, else the
+    first of the run's own prompts."""
     if configured:
         return list(configured)
     if text_encoder == "toy":
         import toyworld
         return toyworld.heldout_prompts()[:num]
-    return data.prompts[:num]
+    return list(prompts[:num])
 
 
 def log_toybench(log, step, videos, prompts, write=print):

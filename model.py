@@ -146,9 +146,11 @@ PRESETS = {
     # Wan2.1-T2V-14B (the Stage-3 real score): 14,288,491,584 parameters
     "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # the embedded toy world (toyworld.py): 32x32 RGB -> space-to-depth 2 -> 12 channels at 16x16, 64 tokens
-    # per frame; a tiny frozen umT5 gives 32-wide text padded to 16 tokens. About 1.1M parameters.
+    # per frame; a tiny frozen umT5 gives 32-wide text padded to 16 tokens. 1.24M parameters. Two heads of 64,
+    # not four of 32: the model sees position only through RoPE, and at head_dim 32 each spatial axis gets 5
+    # frequencies of which 3 barely turn across an 8-token grid; at 64 it has 10 (4-5 useful).
     "toy": WanConfig(in_dim=12, out_dim=12, dim=128, ffn_dim=512, text_dim=32, text_len=16,
-                     num_heads=4, num_layers=4),
+                     num_heads=2, num_layers=4),
 }
 
 # -----------------------------------------------------------------------------
@@ -297,9 +299,11 @@ class KVCache:
     overwrites the same slots, so after the context pass the cache holds exactly the context later frames
     must see. `filled_frames` (a Python int, no device sync) is one past the last frame ever written.
 
-    Stored values are detached: a cached key can never carry gradient or change under a backward pass. In a
-    grad-enabled call the current block's own keys/values (with gradient) are concatenated to a copy of the
-    cached prefix instead of being read back from the buffer (Stage-3 self-rollout, method_spec §10.19).
+    Only no-grad calls write. A grad-enabled call (the exit step of a Stage-3 self-rollout) concatenates its
+    own keys/values, with gradient, to the cached prefix and leaves the buffers untouched; the no-grad context
+    pass that follows writes the block. So the cache only ever changes outside autograd, and the recomputation
+    of an activation-checkpointed block during backward reads exactly what its forward read, whatever order
+    autograd runs the blocks in (the official code relies on reverse order here, method_spec §6.3, §10.19).
     The text keys/values of cross-attention are computed once per cache and reused in no-grad calls.
     """
 
@@ -328,15 +332,16 @@ class KVCache:
             f"frames {start_frame}..{start_frame + num_frames - 1} exceed the cache size of {self.max_frames} frames"
 
     def update(self, layer, k, v, start_frame):
-        """Write this block's k/v [B, n, N, d] at its slots; return the visible k/v [B, (start+n/S)·S, N, d]."""
+        """Write this block's k/v [B, n, N, d] at its slots (no-grad calls only); return the visible k/v
+        [B, (start+n/S)·S, N, d]."""
         begin = start_frame * self.tokens_per_frame
         end = begin + k.shape[1]
-        self.k[layer, :, begin:end] = k.detach()
-        self.v[layer, :, begin:end] = v.detach()
-        if k.requires_grad or v.requires_grad:  # keep the gradient path of the current block's own keys
+        if torch.is_grad_enabled():  # read-only: own keys with gradient after a copy of the cached prefix
             k_all = torch.cat([self.k[layer, :, :begin].to(k.dtype), k], dim=1)
             v_all = torch.cat([self.v[layer, :, :begin].to(v.dtype), v], dim=1)
             return k_all, v_all
+        self.k[layer, :, begin:end] = k
+        self.v[layer, :, begin:end] = v
         return self.k[layer, :, :end].to(k.dtype), self.v[layer, :, :end].to(v.dtype)
 
     def __repr__(self):
@@ -387,8 +392,8 @@ class CrossAttention(nn.Module):
         else:  # with gradient enabled the text K/V are recomputed so the text path receives gradient
             k = self.norm_k(self.k(context)).view(B, -1, N, D // N)  # [B, Lt, N, d]
             v = self.v(context).view(B, -1, N, D // N)
-            if cache is not None:
-                cache.context_kv[layer] = (k.detach(), v.detach())
+            if cache is not None and not torch.is_grad_enabled():
+                cache.context_kv[layer] = (k, v)
         return self.o(attention(q, k, v).reshape(B, L, D))
 
 
@@ -584,13 +589,13 @@ class CausalWanModel(nn.Module):
         for layer, block in enumerate(self.blocks):
             args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, start_frame)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                # with a cache the recomputation re-writes this block's slots with the same detached values
+                # with a cache this is safe: grad-enabled calls never write it (KVCache docstring)
                 tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 tokens = block(*args)
         if mode == "teacher_forcing":
             tokens = tokens[:, num_frames * S:]  # keep the noisy half [B, F·S, D]
-        if mode == "cached":
+        if mode == "cached" and not torch.is_grad_enabled():  # grad-enabled calls leave the cache unchanged
             cache.filled_frames = max(cache.filled_frames, start_frame + num_frames)
             cache.context = context
         return self.unpatchify(self.head(tokens, e), num_frames, H, W)  # [B, F, C_out, H, W]

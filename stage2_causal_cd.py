@@ -376,7 +376,7 @@ def main(cfg):
             step_start = time.time()
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
-            prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data)
+            prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)
             path = os.path.join(cfg.out_dir, f"samples_{done:07d}.png") if dist_ctx.is_main else None
             sampled = ema if ema is not None else student.eval()  # CD: the EMA weights θ⁻ (what Stage 3 starts from)
             videos = sample_students(sampled, cfg, text, codec, prompts, latent_shape, device, path)

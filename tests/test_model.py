@@ -241,6 +241,40 @@ def test_gradient_flows_through_the_current_block_only_and_cache_stays_constant(
     assert model.blocks[0].cross_attn.k.weight.grad.abs().sum() > 0  # text path gets gradient too
 
 
+
+def test_checkpointed_exit_steps_get_the_same_gradients_in_any_backward_order():
+    """Two grad-enabled exit steps (blocks 1 and 2), each followed by its no-grad context pass, as in the
+    Stage-3 self-rollout. With activation checkpointing the blocks are recomputed during backward; running
+    block 1's backward first (the order that breaks a cache written by grad-enabled calls) must give the
+    gradients of the plain, non-checkpointed run."""
+    def grads(checkpointing, block1_first):
+        model = tiny_model(1, seed=12)
+        model.gradient_checkpointing = checkpointing
+        x, context, _ = inputs(model, num_frames=3)
+        cache = M.KVCache(model.cfg, 2, 3, model.tokens_per_frame(4, 6))
+        t = torch.full((2, 1), 600.0)
+        with torch.no_grad():
+            model(x[:, :1], torch.zeros(2, 1), context, cache=cache, start_frame=0)
+        outs = []
+        for f in (1, 2):
+            out = model(x[:, f:f + 1], t, context, cache=cache, start_frame=f)
+            assert cache.filled_frames == f, "a grad-enabled call must not advance the cache"
+            with torch.no_grad():
+                model(out.detach() * 0.5, torch.zeros(2, 1), context, cache=cache, start_frame=f)
+            outs.append(out)
+        losses = [outs[0].square().sum(), (outs[1] * 3).sin().sum()]
+        for loss in (losses if block1_first else losses[::-1]):
+            loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads(False, False)
+    for checkpointing, block1_first in ((True, True), (True, False), (False, True)):
+        got = grads(checkpointing, block1_first)
+        assert got.keys() == reference.keys()
+        for name in reference:
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---- generate() ----
 
 
