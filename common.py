@@ -137,11 +137,12 @@ def format_config(cfg):
 
 
 class Dist:
-    """rank, world_size, local_rank, device and is_main of this process (single process when not launched
-    by torchrun)."""
+    """rank, world_size, local_rank, device and is_main of this process. `enabled` = launched by torchrun (a
+    process group exists, FSDP2 is used), also with --nproc_per_node=1: that is how one GPU gets CPU offload."""
 
-    def __init__(self, rank=0, world_size=1, local_rank=0, device=torch.device("cpu")):
+    def __init__(self, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), launched=False):
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+        self.launched = launched
 
     @property
     def is_main(self):
@@ -149,7 +150,7 @@ class Dist:
 
     @property
     def enabled(self):
-        return self.world_size > 1
+        return self.launched
 
 
 def setup_distributed(device_name="auto"):
@@ -168,7 +169,7 @@ def setup_distributed(device_name="auto"):
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, local_rank, device, launched=True)
 
 
 def cleanup_distributed():
@@ -197,8 +198,10 @@ def rank_generator(seed, rank, device="cpu"):
 
 
 def shard_model(model, dist_ctx, mixed_precision=True, cpu_offload=False):
-    """Apply FSDP2 in place when running distributed; returns the model (a no-op for a single process)."""
+    """Apply FSDP2 in place when launched by torchrun; returns the model (a no-op for a plain `python` run)."""
     if not dist_ctx.enabled:
+        if cpu_offload:
+            raise ValueError("cpu_offload needs FSDP2: launch with torchrun (--nproc_per_node=1 for one GPU)")
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     on_cuda = dist_ctx.device.type == "cuda"

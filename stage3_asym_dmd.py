@@ -95,6 +95,15 @@ class Config:
 # self-rollout with the KV cache (method_spec §6.3), as a pure function
 
 
+def randn_like(x, generator):
+    """Gaussian noise shaped like x from one generator, or from one generator per sample (a list): then each
+    sample's noise depends only on its own generator, whatever the batch and rank layout."""
+    if isinstance(generator, (list, tuple)):
+        assert len(generator) == x.shape[0], f"{len(generator)} generators for a batch of {x.shape[0]}"
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def sample_exit_steps(generator, num_steps, num_first_steps):
     """The exit step of this rollout: e_other ~ U{0..S−1} shared by every non-first block and e_first ~
     U{0..S_first−1} for the first block (equal to e_other when there is no first-block list)."""
@@ -103,7 +112,8 @@ def sample_exit_steps(generator, num_steps, num_first_steps):
     return exit_first, exit_other
 
 
-def self_rollout(model, noise, context, steps, first_block_steps, exit_first, exit_other, generator, context_t=0.0):
+def self_rollout(model, noise, context, steps, first_block_steps, exit_first, exit_other, generator, context_t=0.0,
+                 cache_dtype=None):
     """The student generates a clip as it does at inference (model.generate's "renoise" sampler), but stops
     each block at its exit step: block output = the x0-prediction of step `exit` (so with exit 0 it is a
     one-shot prediction from pure noise). Per block of K frames:
@@ -112,7 +122,9 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
         context pass (no grad):  G_θ(x0 [+ noise at context_t], context_t) writes the block into the KV cache
     Later blocks therefore condition on the student's own outputs (self forcing). The cache is written only
     by no-grad calls, so backward never sees a changed cache (model.KVCache).
-    noise [B, F, C, H, W]; steps / first_block_steps: warped lists (first_block_steps None = steps).
+    noise [B, F, C, H, W]; steps / first_block_steps: warped lists (first_block_steps None = steps); generator:
+    one torch.Generator or one per sample (randn_like) for the fresh noise; cache_dtype:
+    the KV cache's storage (default: the parameters' dtype; bf16 under mixed precision on GPU halves it).
     Returns x0 of every block [B, F, C, H, W]."""
     cfg = model.cfg
     B, num_frames, C, H, W = noise.shape
@@ -121,7 +133,8 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
     first_block_steps = first_block_steps or steps
     assert 0 <= exit_first < len(first_block_steps) and 0 <= exit_other < len(steps), \
         f"exit steps ({exit_first}, {exit_other}) outside the lists {first_block_steps} / {steps}"
-    cache = M.KVCache(cfg, B, num_frames, model.tokens_per_frame(H, W), noise.device, next(model.parameters()).dtype)
+    cache = M.KVCache(cfg, B, num_frames, model.tokens_per_frame(H, W), noise.device,
+                      cache_dtype or next(model.parameters()).dtype)
 
     def x0_prediction(x, t_value, f0):
         t = torch.full((B, K), float(t_value), device=x.device)
@@ -134,15 +147,13 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
         with torch.no_grad():
             for i in range(exit_step):
                 x0 = x0_prediction(x, step_list[i], f0)
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = M.add_noise(x0, fresh, step_list[i + 1])
+                x = M.add_noise(x0, randn_like(x0, generator), step_list[i + 1])
         x0 = x0_prediction(x, step_list[exit_step], f0)  # grad-enabled if the caller is
         outputs.append(x0)
         with torch.no_grad():
             x_context = x0.detach()
             if context_t > 0:
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x_context = M.add_noise(x_context, fresh, context_t)
+                x_context = M.add_noise(x_context, randn_like(x_context, generator), context_t)
             model(x_context, torch.full((B, K), float(context_t), device=x0.device), context, cache=cache,
                   start_frame=f0)
     return torch.cat(outputs, dim=1)  # [B, F, C, H, W]
@@ -152,10 +163,11 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
 # the DMD generator loss and the critic loss (method_spec §6.4–6.5), as pure functions
 
 
-def sample_dmd_timesteps(generator, batch_size, shift, min_t, max_t):
-    """One t per sample: u ~ U{0, …, 999}/1000, t = 1000·shift(u), clamped to [min_t, max_t] (≈9% of draws land
-    on max_t at shift 5). σ = t/1000 exactly (the official code looks σ up on a grid, §10.10). -> [B] float32."""
-    u = torch.randint(0, 1000, (batch_size,), generator=generator, device=generator.device).double() / 1000.0
+def sample_dmd_timesteps(generators, shift, min_t, max_t):
+    """One t per sample (one generator each): u ~ U{0, …, 999}/1000, t = 1000·shift(u), clamped to [min_t, max_t]
+    (≈9% of draws land on max_t at shift 5). σ = t/1000 exactly (the official code looks σ up on a grid,
+    §10.10). -> [B] float32 on the generators' device."""
+    u = torch.stack([torch.randint(0, 1000, (), generator=g, device=g.device) for g in generators]).double() / 1000.0
     return (1000.0 * M.shift_sigma(u, shift)).clamp(min_t, max_t).float()
 
 
@@ -291,20 +303,24 @@ def main(cfg):
 
     def micro_batch(step, phase, micro):
         """Prompts, text and randomness of one micro-batch. phase 0 = generator update, 1.. = critic updates:
-        every phase draws its own prompts ("another prompt batch"), and everything depends only on
-        (seed, step, phase, micro, rank), so a resumed run repeats an uninterrupted one."""
+        every phase draws its own prompts ("another prompt batch"). Each sample draws its noise and t from its
+        own generator, seeded by its global sample counter, and the exit steps come from the micro-batch index:
+        so 2 ranks x batch 1 see exactly what 1 rank x batch 2 sees, and a resumed run repeats an
+        uninterrupted one."""
         index = (step * (1 + cfg.critic_updates) + phase) * cfg.grad_accum + micro
         counters = order.batch_counters(index, cfg.batch_size, dist_ctx.rank, dist_ctx.world_size)
         batch_prompts = [prompts[order.item(c)] for c in counters]
         context = text.encode(batch_prompts).to(device)
-        g = common.sample_generator(cfg.seed, index * dist_ctx.world_size + dist_ctx.rank, device)  # this rank
+        generators = [common.sample_generator(cfg.seed, c, device) for c in counters]
         shared = common.sample_generator(cfg.seed + 1, index)  # exit steps: the same on every rank
         exits = sample_exit_steps(shared, len(steps), len(first_steps) if first_steps else 0)
-        noise = torch.randn((len(batch_prompts), *shape), generator=g, device=device)
-        return context, g, exits, noise
+        noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # [B, F, C, H, W]
+        return context, generators, exits, noise
+
+    cache_dtype = torch.bfloat16 if (cfg.mixed_precision and device.type == "cuda") else None
 
     def rollout(context, g, exits, noise):
-        return self_rollout(generator, noise, context, steps, first_steps, *exits, g, cfg.context_t)
+        return self_rollout(generator, noise, context, steps, first_steps, *exits, g, cfg.context_t, cache_dtype)
 
     # ---- training loop: 1 generator update, then `critic_updates` critic updates ----
     from tqdm import tqdm
@@ -321,9 +337,9 @@ def main(cfg):
             with common.autocast_context(dist_ctx, cfg.mixed_precision):
                 x = rollout(context, g, exits, noise)  # [B, F, C, H, W], gradient through the exit steps
                 with torch.no_grad():
-                    t = sample_dmd_timesteps(g, x.shape[0], cfg.timestep_shift, cfg.dmd_min_t, cfg.dmd_max_t)
+                    t = sample_dmd_timesteps(g, cfg.timestep_shift, cfg.dmd_min_t, cfg.dmd_max_t)
                     t = t.to(device)[:, None].expand(-1, cfg.num_frames).contiguous()  # [B, F], same t every frame
-                    x_t = M.add_noise(x.detach(), torch.randn(x.shape, generator=g, device=device, dtype=x.dtype), t)
+                    x_t = M.add_noise(x.detach(), randn_like(x.detach(), g), t)
                     x0_fake = M.x0_from_v(x_t.float(), fake(x_t, t, context, causal=False).float(), t)
                     x0_real = real_score_x0(real, x_t, t, context, negative.expand_as(context),
                                             cfg.real_guidance_scale)
@@ -347,10 +363,9 @@ def main(cfg):
                 with common.autocast_context(dist_ctx, cfg.mixed_precision):
                     with torch.no_grad():
                         x = rollout(context, g, exits, noise)
-                    t = sample_dmd_timesteps(g, x.shape[0], cfg.timestep_shift, cfg.dmd_min_t, cfg.dmd_max_t)
+                    t = sample_dmd_timesteps(g, cfg.timestep_shift, cfg.dmd_min_t, cfg.dmd_max_t)
                     t = t.to(device)[:, None].expand(-1, cfg.num_frames).contiguous()  # [B, F]
-                    loss = critic_loss(fake, x, torch.randn(x.shape, generator=g, device=device, dtype=x.dtype),
-                                       t, context)
+                    loss = critic_loss(fake, x, randn_like(x, g), t, context)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             critic_grad_norms.append(common.clip_grad_norm(fake, cfg.grad_clip))
