@@ -479,7 +479,8 @@ def export_weights(checkpoint, out_dir, use_ema=True, dtype=torch.float16, note=
     tmp = tempfile.mkdtemp(prefix=".tmp_export_", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
     save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"model_config": config["model_config"], "exported_from": checkpoint, "weights": name,
+        json.dump({"model_config": config["model_config"], "stage": config.get("stage"), "exported_from": checkpoint,
+                   "weights": name,
                    "dtype": str(dtype).replace("torch.", ""), "step": config.get("step"), "note": note,
                    "run_config": config.get("run_config"), "git_commit": config.get("git_commit")}, f, indent=2)
     os.chmod(tmp, 0o755)

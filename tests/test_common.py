@@ -116,3 +116,20 @@ def test_export_weights_writes_a_loadable_fp16_checkpoint(tmp_path):
     assert M.load_weights(fresh, out) == "ours"
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, ema[k].half().float()), k  # the EMA weights, rounded to fp16
+
+
+def test_every_shipped_config_loads_with_its_script():
+    """Each yaml under configs/ holds only keys (and types) its stage script knows; a typo fails here, not on a GPU."""
+    import glob
+    from pathlib import Path
+    import stage1_teacher_forcing as S1
+    import stage2_causal_cd as S2
+    import stage3_asym_dmd as S3
+    repo = Path(__file__).resolve().parents[1]
+    files = sorted(glob.glob(str(repo / "configs" / "**" / "*.yaml"), recursive=True))
+    assert len(files) >= 15, files
+    for path in files:
+        name = os.path.basename(path)
+        script = S3 if name.startswith("dmd") else S2 if name.startswith(("cd", "ode")) else S1
+        cfg = common.load_config(script.Config, ["--config", path])
+        assert cfg.out_dir.startswith("runs/"), (path, cfg.out_dir)
