@@ -2,6 +2,7 @@
 Performance measurements. Numbers are printed as a table and written as JSON; nothing here is asserted.
 
   python bench.py stage2 --teacher runs/toy/tf --data_dir data/toy      # Stage-2 cost: causal CD vs causal ODE
+  python bench.py sampler                                               # rollouts vs FLOP floor, KV cache
   python bench.py stage3-memory --config configs/dmd_small.yaml        # Stage-3 memory estimate per GPU
 
 stage2 — the paper's efficiency claim (§3.2, Fig. 3(b): ~11,600 vs ~2,900 GPU hours, 1,900 GiB vs 0) on
@@ -112,6 +113,127 @@ def bench_stage2(args):
 
 
 # -----------------------------------------------------------------------------
+# sampler: frame-wise / chunk-wise rollouts against the FLOP floor, and the KV cache against recomputation
+
+SAMPLER_PRESETS = {  # (model preset overrides, latent frames, latent h, w)
+    "toy": (dict(), 12, 16, 16),
+    # a larger model that keeps 2 CPU cores busy with real GEMMs: 256 tokens per frame, 21 frames like Wan
+    "small": (dict(dim=384, ffn_dim=1536, num_heads=6, num_layers=6), 21, 32, 32),
+}
+
+
+def call_flops(cfg, new_tokens, visible_tokens, text_tokens, text_kv=False):
+    """FLOPs (2 per multiply-add) of one DiT forward on `new_tokens` query tokens that attend to
+    `visible_tokens` keys: per layer q/k/v/o projections, self-attention, cross-attention q/o and attention over
+    the text (its k/v projections only when not cached), the FFN; plus patch embedding and head."""
+    D, n, m, Lt = cfg.dim, new_tokens, visible_tokens, text_tokens
+    per_layer = 4 * n * D * D + 2 * n * m * D + 2 * n * D * D + 2 * n * Lt * D + 2 * n * D * cfg.ffn_dim
+    if text_kv:
+        per_layer += 2 * Lt * D * D
+    patch = cfg.in_dim * 4
+    return 2 * (cfg.num_layers * per_layer + n * patch * D + n * D * cfg.out_dim * 4)
+
+
+def gemm_rate(dim, ffn, tokens, dtype=torch.float32, repeats=20):
+    """Measured FLOP/s of the model's dominant GEMM shape ([tokens, dim] x [dim, ffn]) on this machine."""
+    a, b = torch.randn(tokens, dim, dtype=dtype), torch.randn(dim, ffn, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * tokens * dim * ffn * repeats / (time.perf_counter() - start)
+
+
+def bench_sampler(args):
+    rows = []
+    for preset_name in args.presets:
+        overrides, num_frames, h, w = SAMPLER_PRESETS[preset_name]
+        for label, K, step_list in (("frame-wise 1-step", 1, [1000]), ("frame-wise 2-step", 1, [1000, 500]),
+                                    ("frame-wise 4-step", 1, [1000, 750, 500, 250]),
+                                    ("chunk-wise 4-step", 3, [1000, 750, 500, 250])):
+            torch.manual_seed(0)
+            cfg = M.WanConfig.from_preset("toy", frames_per_block=K, causal=True, **overrides)
+            model = M.CausalWanModel(cfg).eval()
+            S = model.tokens_per_frame(h, w)
+            noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
+            context = torch.randn(1, cfg.text_len, cfg.text_dim)
+            steps = M.warp_timesteps(step_list)
+            first = M.warp_timesteps([1000, 750, 500, 250]) if K == 1 else None
+            calls, flops, first_block = [0], [0.0], [None]
+
+            def count(module, inputs, kwargs, output):
+                x = inputs[0]
+                start_frame = kwargs.get("start_frame", 0)
+                calls[0] += 1
+                n = x.shape[1] * S
+                flops[0] += call_flops(cfg, n, start_frame * S + n, cfg.text_len)
+
+            M.generate(model, noise[:, :K], context, steps=steps)  # warm-up (allocator, kernels)
+            hook = model.register_forward_hook(count, with_kwargs=True)
+            start = time.perf_counter()
+
+            def on_block(block, start_frame, x0):
+                if first_block[0] is None:
+                    first_block[0] = time.perf_counter() - start
+
+            M.generate(model, noise, context, steps=steps, first_block_steps=first, on_block=on_block,
+                       generator=torch.Generator().manual_seed(0))
+            seconds = time.perf_counter() - start
+            hook.remove()
+            rate = gemm_rate(cfg.dim, cfg.ffn_dim, K * S)
+            rows.append(dict(preset=preset_name, sampler=label, frames=num_frames, tokens_per_frame=S,
+                             first_frame_ms=1000 * first_block[0], frames_per_second=num_frames / seconds,
+                             model_calls=calls[0], gflops=flops[0] / 1e9, gemm_gflops_per_s=rate / 1e9,
+                             floor_fraction=flops[0] / rate / seconds))
+        # the KV cache vs recomputing the whole prefix for every new frame (frame-wise 4-step, same model)
+        cfg = M.WanConfig.from_preset("toy", causal=True, **overrides)
+        model = M.CausalWanModel(cfg).eval()
+        noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
+        context = torch.randn(1, cfg.text_len, cfg.text_dim)
+        steps = M.warp_timesteps([1000, 750, 500, 250])
+        start = time.perf_counter()
+        M.generate(model, noise, context, steps=steps, generator=torch.Generator().manual_seed(0))
+        cached = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            done = noise[:, :0]
+            for f in range(num_frames):  # no cache: every step re-runs the block-causal forward over all frames
+                x = noise[:, f:f + 1]
+                for i, t_value in enumerate(steps):
+                    clip = torch.cat([done, x], dim=1)
+                    t = torch.full((1, f + 1), float(t_value))
+                    t[:, :f] = 0.0
+                    v = model(clip, t, context, causal=True)[:, -1:]
+                    x0 = M.x0_from_v(x, v, t_value)
+                    x = M.add_noise(x0, torch.randn_like(x0), steps[i + 1]) if i + 1 < len(steps) else x0
+                done = torch.cat([done, x], dim=1)
+        recompute = time.perf_counter() - start
+        rows.append(dict(preset=preset_name, sampler="KV cache vs recompute (4-step)", frames=num_frames,
+                         cached_seconds=cached, recompute_seconds=recompute, speedup=recompute / cached))
+
+    print(f"\nSampler ({torch.get_num_threads()} threads, fp32, batch 1, model calls include the context passes)")
+    print(f"{'preset':8s}{'sampler':22s}{'frames':>7s}{'first ms':>10s}{'frames/s':>10s}{'calls':>7s}"
+          f"{'GFLOP':>9s}{'GEMM GF/s':>11s}{'% floor':>9s}")
+    for r in rows:
+        if "speedup" in r:
+            continue
+        print(f"{r['preset']:8s}{r['sampler']:22s}{r['frames']:>7d}{r['first_frame_ms']:>10.1f}"
+              f"{r['frames_per_second']:>10.1f}{r['model_calls']:>7d}{r['gflops']:>9.2f}"
+              f"{r['gemm_gflops_per_s']:>11.1f}{100 * r['floor_fraction']:>8.0f}%")
+    for preset_name in args.presets:
+        by = {r["sampler"]: r for r in rows if r["preset"] == preset_name}
+        fps = lambda k: by[f"frame-wise {k}-step"]["frames_per_second"]  # noqa: E731
+        kv = by["KV cache vs recompute (4-step)"]
+        print(f"{preset_name}: throughput 1-step/4-step {fps(1) / fps(4):.2f}x (goal >= 2.4), 2-step/4-step "
+              f"{fps(2) / fps(4):.2f}x (goal >= 1.62); KV cache {kv['speedup']:.1f}x faster than recomputing the "
+              f"prefix at {kv['frames']} frames ({kv['cached_seconds']:.2f} s vs {kv['recompute_seconds']:.2f} s; goal >= 5x)")
+    with open(args.json, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+# -----------------------------------------------------------------------------
 # stage3-memory: an analytic estimate of Stage-3 memory per GPU (not a measurement)
 
 
@@ -200,9 +322,12 @@ if __name__ == "__main__":
     p.add_argument("--samples_per_clip", type=float, default=300 * 16 / 256,
                    help="S/D of the run to cost (default: configs/toy/ode.yaml, 300 steps x 16 on 256 clips)")
     p.add_argument("--json", default="bench_stage2.json")
+    p = sub.add_parser("sampler", help="rollout speed vs the FLOP floor; KV cache vs recomputation")
+    p.add_argument("--presets", nargs="+", default=["toy", "small"], choices=list(SAMPLER_PRESETS))
+    p.add_argument("--json", default="bench_sampler.json")
     p = sub.add_parser("stage3-memory", help="analytic memory estimate of a Stage-3 config")
     p.add_argument("--config", default="configs/dmd_small.yaml")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--json", default=None)
     args = parser.parse_args()
-    {"stage2": bench_stage2, "stage3-memory": bench_stage3_memory}[args.command](args)
+    {"stage2": bench_stage2, "sampler": bench_sampler, "stage3-memory": bench_stage3_memory}[args.command](args)
