@@ -1,9 +1,14 @@
+# make demo — set up .venv, sample four held-out toy prompts with the shipped 2-step model, print ToyBench
 # make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite
-# make demo — a smoke run of the toy model (later: sample the shipped toy model)
+# make toy  — the whole toy pipeline from the shipped base: Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step),
+#             then ToyBench on held-out prompts and a few videos (re-running continues finished/stopped runs)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup test demo clean
+DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
+                --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
+
+.PHONY: setup test demo toy clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -17,7 +22,15 @@ test: $(VENV)/.installed
 	$(PYTHON) -m pytest tests
 
 demo: $(VENV)/.installed
-	$(PYTHON) model.py
+	$(PYTHON) sample.py $(DEMO_PROMPTS) --out samples/demo --score
+
+toy: $(VENV)/.installed
+	test -d data/toy || $(PYTHON) prepare_data.py --toy 8192 --out data/toy
+	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/tf.yaml --resume=true
+	$(PYTHON) stage2_causal_cd.py --config configs/toy/cd.yaml --resume=true
+	$(PYTHON) stage3_asym_dmd.py --config configs/toy/dmd_2step.yaml --resume=true
+	$(PYTHON) vbench_eval.py --suite toy --ckpt runs/toy/dmd_2step --use_ema --steps 2 --samples 2
+	$(PYTHON) sample.py --ckpt runs/toy/dmd_2step --use_ema $(DEMO_PROMPTS) --out samples/toy --score
 
 clean:
 	rm -rf $(VENV) .pytest_cache

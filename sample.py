@@ -251,6 +251,7 @@ def parse_args(argv=None):
     p.add_argument("--stream", action="store_true", help="decode and write each block as soon as it exists")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--score", action="store_true", help="toy models: print the ToyBench scores of the videos")
     return p.parse_args(argv)
 
 
@@ -279,6 +280,8 @@ def main(argv=None):
     fps, scale = args.fps or fps, args.scale or scale
     K = cfg.frames_per_block
     prefix_frames = 1 if args.image else 0
+    if args.score and (not toy or args.image):
+        raise SampleError("--score is ToyBench: toy text-to-video only")
     if args.image and K != 1:
         raise SampleError(f"--image needs a frame-wise model (frames_per_block 1); this one has {K}")
     if num_frames % K:
@@ -339,6 +342,10 @@ def main(argv=None):
               f"{frames / timings['generate']:.1f} frames/s without decoding, "
               f"{frames / (timings['generate'] + timings['decode']):.1f} with decoding")
         results[prompt] = video
+    if args.score:
+        import toyworld
+        toyworld.print_table({f"{os.path.basename(info['path'].rstrip('/'))} ({mode})":
+                              toyworld.score(torch.stack(list(results.values())), list(results))})
     return results
 
 

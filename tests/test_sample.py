@@ -43,7 +43,8 @@ def mp4_frames(path):
 
 def test_cli_writes_a_readable_mp4_and_png_with_the_right_frame_count(tiny_ckpt, tmp_path):
     prompts = ["a red circle moves left quickly", "a blue square stays still"]
-    videos = run(tiny_ckpt, tmp_path, "--prompt", prompts[0], "--prompt", prompts[1], "--steps", "1", "--scale", "2")
+    videos = run(tiny_ckpt, tmp_path, "--prompt", prompts[0], "--prompt", prompts[1], "--steps", "1", "--scale", "2",
+                 "--score")
     assert list(videos) == prompts
     for prompt in prompts:
         name = f"{sample.slug(prompt)}-0"
