@@ -505,6 +505,42 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
+# numerical faults: a non-finite loss or gradient skips the optimizer step instead of poisoning the weights
+
+
+class NonFiniteGuard:
+    """Call ok(step, loss, grad_norm) after backward and clipping, before optimizer.step(). A non-finite value
+    (on every rank alike: pass values already reduced across ranks) skips the step — the caller drops the
+    gradients and leaves optimizer and EMA untouched — and is counted; `max_consecutive` skips in a row stop the
+    run with one line, leaving the last checkpoint on disk as the last good one."""
+
+    def __init__(self, max_consecutive, out_dir):
+        assert max_consecutive >= 1, f"max_nonfinite_steps must be >= 1, got {max_consecutive}"
+        self.max_consecutive, self.out_dir = max_consecutive, out_dir
+        self.consecutive = 0
+        self.skipped = 0  # since the last take_skipped() (logged per interval)
+
+    def ok(self, step, **values):
+        if all(math.isfinite(v) for v in values.values()):
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped += 1
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in values.items())
+        print0(f"step {step}: non-finite {shown}; step skipped ({self.consecutive} in a row)")
+        if self.consecutive >= self.max_consecutive:
+            last = latest_checkpoint(self.out_dir) if os.path.isdir(self.out_dir) else None
+            raise SystemExit(f"stopped at step {step}: {self.consecutive} non-finite steps in a row ({shown}); last "
+                             f"good checkpoint: {last or 'none yet'}. Lower the learning rate or check the data, then "
+                             f"--resume=true")
+        return False
+
+    def take_skipped(self):
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+# -----------------------------------------------------------------------------
 # EMA: a second copy of the model whose weights trail the trained ones (sharded like them under FSDP2, so
 # the update is local to each rank and the EMA model can run forward passes: the Stage-2 target θ⁻,
 # the sampled weights of every stage)

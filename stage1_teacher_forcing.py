@@ -80,6 +80,7 @@ class Config:
     num_samples: int = 4
     codec: str = "wan_models/Wan2.1-T2V-1.3B"  # "toy" or a Wan folder (VAE) to decode the sample grid
     wandb_project: str | None = None
+    max_nonfinite_steps: int = 10     # non-finite loss/gradient: skip the step; this many in a row stop the run
 
 
 # -----------------------------------------------------------------------------
@@ -209,6 +210,7 @@ def main(cfg):
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc="stage1", dynamic_ncols=True)
     step_start = time.time()
+    guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -237,18 +239,20 @@ def main(cfg):
             (loss / cfg.grad_accum).backward()
             total_loss += loss.item() / cfg.grad_accum
         grad_norm = common.clip_grad_norm(model, cfg.grad_clip)
-        optimizer.step()
+        total_loss = common.mean_across_ranks(total_loss, dist_ctx)
+        if guard.ok(step + 1, loss=total_loss, grad_norm=grad_norm):
+            optimizer.step()
+            if ema is not None:
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+                common.ema_update(ema, model, decay)
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-            common.ema_update(ema, model, decay)
         done = step + 1
 
         # ---- logging, samples, checkpoints ----
-        total_loss = common.mean_across_ranks(total_loss, dist_ctx)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             seconds = (time.time() - step_start) / cfg.log_every
-            log.log(done, loss=total_loss, grad_norm=grad_norm, lr=lr_at(step, cfg), sec_per_step=seconds)
+            log.log(done, loss=total_loss, grad_norm=grad_norm, lr=lr_at(step, cfg), sec_per_step=seconds,
+                    nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(loss=f"{total_loss:.4f}", gnorm=f"{grad_norm:.2f}")
             step_start = time.time()
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):

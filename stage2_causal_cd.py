@@ -90,6 +90,7 @@ class Config:
     sample_prompts: list = ()
     num_samples: int = 4
     wandb_project: str | None = None
+    max_nonfinite_steps: int = 10     # non-finite loss/gradient: skip the step; this many in a row stop the run
 
 
 # -----------------------------------------------------------------------------
@@ -328,6 +329,7 @@ def main(cfg):
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc=f"stage2 {cfg.method}", dynamic_ncols=True)
     step_start, teacher_forwards = time.time(), 0
+    guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -360,18 +362,19 @@ def main(cfg):
             (loss / cfg.grad_accum).backward()
             total_loss += loss.item() / cfg.grad_accum
         grad_norm = common.clip_grad_norm(student, cfg.grad_clip)
-        optimizer.step()
+        total_loss = common.mean_across_ranks(total_loss, dist_ctx)
+        if guard.ok(step + 1, loss=total_loss, grad_norm=grad_norm):
+            optimizer.step()
+            if ema is not None:  # θ⁻ ← 0.99·θ⁻ + 0.01·θ after every optimizer step
+                common.ema_update(ema, student, cfg.ema_decay)
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:  # θ⁻ ← 0.99·θ⁻ + 0.01·θ after every optimizer step
-            common.ema_update(ema, student, cfg.ema_decay)
         done = step + 1
 
         # ---- logging, samples, checkpoints ----
-        total_loss = common.mean_across_ranks(total_loss, dist_ctx)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             seconds = (time.time() - step_start) / cfg.log_every
             log.log(done, loss=total_loss, grad_norm=grad_norm, sec_per_step=seconds,
-                    teacher_forwards=teacher_forwards * dist_ctx.world_size)
+                    teacher_forwards=teacher_forwards * dist_ctx.world_size, nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(loss=f"{total_loss:.5f}", gnorm=f"{grad_norm:.3f}")
             step_start = time.time()
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):

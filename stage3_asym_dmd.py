@@ -89,6 +89,7 @@ class Config:
     sample_prompts: list = ()
     num_samples: int = 4
     wandb_project: str | None = None
+    max_nonfinite_steps: int = 10     # non-finite loss/gradient: skip the update; this many in a row stop the run
 
 
 # -----------------------------------------------------------------------------
@@ -327,6 +328,7 @@ def main(cfg):
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc="stage3 dmd", dynamic_ncols=True)
     step_start = time.time()
+    guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
         # -- generator: DMD through the self-rollout (real and fake scores only evaluated) --
         generator_loss = 0.0
@@ -348,9 +350,11 @@ def main(cfg):
             (loss / cfg.grad_accum).backward()
             generator_loss += loss.item() / cfg.grad_accum
         generator_grad_norm = common.clip_grad_norm(generator, cfg.grad_clip)
-        optimizer.step()
+        generator_loss = common.mean_across_ranks(generator_loss, dist_ctx)
+        if guard.ok(step + 1, generator_loss=generator_loss, generator_grad_norm=generator_grad_norm):
+            optimizer.step()
+            common.ema_update(ema, generator, cfg.ema_decay if step + 1 > cfg.ema_start else 0.0)
         optimizer.zero_grad(set_to_none=True)
-        common.ema_update(ema, generator, cfg.ema_decay if step + 1 > cfg.ema_start else 0.0)
 
         # -- critic: flow matching on fresh no-grad rollouts --
         critic_losses, critic_grad_norms = [], []
@@ -369,19 +373,20 @@ def main(cfg):
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             critic_grad_norms.append(common.clip_grad_norm(fake, cfg.grad_clip))
-            critic_optimizer.step()
+            total = common.mean_across_ranks(total, dist_ctx)
+            if guard.ok(step + 1, critic_loss=total, critic_grad_norm=critic_grad_norms[-1]):
+                critic_optimizer.step()
             critic_optimizer.zero_grad(set_to_none=True)
             critic_losses.append(total)
         done = step + 1
 
         # ---- logging, samples, checkpoints ----
-        generator_loss = common.mean_across_ranks(generator_loss, dist_ctx)
-        critic_value = common.mean_across_ranks(sum(critic_losses) / len(critic_losses), dist_ctx)
+        critic_value = sum(critic_losses) / len(critic_losses)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             seconds = (time.time() - step_start) / cfg.log_every
             log.log(done, generator_loss=generator_loss, critic_loss=critic_value,
                     generator_grad_norm=generator_grad_norm, critic_grad_norm=max(critic_grad_norms),
-                    sec_per_step=seconds)
+                    sec_per_step=seconds, nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(gen=f"{generator_loss:.4f}", critic=f"{critic_value:.4f}")
             step_start = time.time()
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):

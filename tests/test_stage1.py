@@ -171,3 +171,40 @@ def test_sample_grid_png_and_toybench_row(toy_data, tmp_path):
     assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert any("toybench/total" in r for r in rows)
+
+
+def nan_on_calls(monkeypatch, bad_calls):
+    """Make diffusion_loss return NaN on the given (1-based) calls: a numerical fault injected into a real run."""
+    real, calls = S1.diffusion_loss, [0]
+
+    def faulty(*args, **kwargs):
+        calls[0] += 1
+        loss, per_frame = real(*args, **kwargs)
+        return (loss * float("nan"), per_frame) if calls[0] in bad_calls else (loss, per_frame)
+    monkeypatch.setattr(S1, "diffusion_loss", faulty)
+
+
+def test_a_non_finite_step_is_skipped_and_logged(toy_data, tmp_path, monkeypatch):
+    out = str(tmp_path / "nan_once")
+    nan_on_calls(monkeypatch, {2})
+    S1.main(common.load_config(S1.Config, run_args(toy_data, out, max_steps=3, batch_size=2, ema_decay=0.9)))
+    weights = lambda step, name: load_file(os.path.join(out, f"step_{step:07d}", f"{name}.safetensors"))  # noqa: E731
+    for name in ("model", "ema"):  # the faulty step left weights (and EMA) untouched; the next one trained
+        assert all(torch.equal(weights(1, name)[k], weights(2, name)[k]) for k in weights(1, name)), name
+        assert any(not torch.equal(weights(2, name)[k], weights(3, name)[k]) for k in weights(2, name)), name
+        assert all(torch.isfinite(v).all() for v in weights(3, name).values())
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 0]
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_one_line(toy_data, tmp_path, monkeypatch):
+    out = str(tmp_path / "nan_always")
+    nan_on_calls(monkeypatch, set(range(2, 100)))
+    with pytest.raises(SystemExit, match=r"stopped at step 3: 2 non-finite steps in a row .*last good checkpoint: "
+                                         r".*step_0000002.*--resume=true") as stop:
+        S1.main(common.load_config(S1.Config, run_args(toy_data, out, max_steps=6, batch_size=2,
+                                                       max_nonfinite_steps=2)))
+    assert "\n" not in str(stop.value)
+    assert common.latest_checkpoint(out).endswith("step_0000002")
+    first, last = (load_file(os.path.join(out, f"step_{s:07d}", "model.safetensors")) for s in (1, 2))
+    assert all(torch.equal(first[k], last[k]) and torch.isfinite(last[k]).all() for k in first)
