@@ -505,6 +505,36 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
+# SIGTERM (preemption, scancel, kill): finish the step, save a checkpoint, exit cleanly
+
+
+class StopSignal:
+    """Installs a SIGTERM handler that only sets a flag. requested(dist_ctx) is checked once per step; under
+    torchrun the flag is max-reduced so every rank stops after the same step (a rank leaving alone would hang
+    the others' collectives). The loop then saves a checkpoint and returns; --resume=true continues exactly."""
+
+    def __init__(self):
+        import signal
+        self.flag = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def close(self):
+        """Put the previous SIGTERM handler back (main() may run inside a longer-lived process, e.g. tests)."""
+        import signal
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self, dist_ctx):
+        if not dist_ctx.enabled:
+            return self.flag
+        flag = torch.tensor([1.0 if self.flag else 0.0], device=dist_ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+# -----------------------------------------------------------------------------
 # numerical faults: a non-finite loss or gradient skips the optimizer step instead of poisoning the weights
 
 

@@ -329,6 +329,7 @@ def main(cfg):
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc=f"stage2 {cfg.method}", dynamic_ncols=True)
     step_start, teacher_forwards = time.time(), 0
+    stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
         for group in optimizer.param_groups:
@@ -386,8 +387,13 @@ def main(cfg):
             student.train()
             if cfg.text_encoder == "toy" and dist_ctx.is_main:
                 common.log_toybench(log, done, videos, prompts, progress.write)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        stopping = stop.requested(dist_ctx)
+        if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log)
+        if stopping:
+            common.print0(f"SIGTERM: saved step {done} and stopped; continue with --resume=true")
+            break
+    stop.close()
     common.cleanup_distributed()
 
 

@@ -328,6 +328,7 @@ def main(cfg):
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc="stage3 dmd", dynamic_ncols=True)
     step_start = time.time()
+    stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
         # -- generator: DMD through the self-rollout (real and fake scores only evaluated) --
@@ -396,9 +397,14 @@ def main(cfg):
             videos = sample_rollouts(ema, cfg, text, codec, preview, shape, device, path)
             if cfg.text_encoder == "toy" and dist_ctx.is_main:
                 common.log_toybench(log, done, videos, preview, progress.write)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        stopping = stop.requested(dist_ctx)
+        if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log,
                                             curve_keys=("generator_loss", "critic_loss", "generator_grad_norm"))
+        if stopping:
+            common.print0(f"SIGTERM: saved step {done} and stopped; continue with --resume=true")
+            break
+    stop.close()
     common.cleanup_distributed()
 
 

@@ -208,3 +208,31 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_one_line(toy_data, tmp_path
     assert common.latest_checkpoint(out).endswith("step_0000002")
     first, last = (load_file(os.path.join(out, f"step_{s:07d}", "model.safetensors")) for s in (1, 2))
     assert all(torch.equal(first[k], last[k]) and torch.isfinite(last[k]).all() for k in first)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(toy_data, tmp_path):
+    import signal
+    import time
+    args = dict(max_steps=40, batch_size=1, save_every=100, ema_decay=0.9)
+    interrupted = str(tmp_path / "interrupted")
+    process = subprocess.Popen([sys.executable, str(REPO / "stage1_teacher_forcing.py"),
+                                *run_args(toy_data, interrupted, **args)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = os.path.join(interrupted, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= 2):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    stopped_at = int(common.latest_checkpoint(interrupted).rsplit("_", 1)[1])
+    assert 2 <= stopped_at < 40 and "SIGTERM: saved step" in out, (stopped_at, out[-500:])
+    S1.main(common.load_config(S1.Config, run_args(toy_data, interrupted, resume=True, **args)))
+    straight = str(tmp_path / "straight")
+    S1.main(common.load_config(S1.Config, run_args(toy_data, straight, **args)))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(os.path.join(common.latest_checkpoint(straight), name))
+        b = load_file(os.path.join(common.latest_checkpoint(interrupted), name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]  # noqa
+    assert losses(straight) == losses(interrupted) and len(losses(straight)) == 40
