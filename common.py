@@ -360,7 +360,8 @@ def save_checkpoint(out_dir, step, weights, state, config):
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     for stale in os.listdir(out_dir):  # leftovers of a write that was killed: never a checkpoint
-        if stale.startswith(".tmp_step_"):
+        replaced_done = stale.endswith(".replaced") and _is_complete(os.path.join(out_dir, stale[:-len(".replaced")]))
+        if stale.startswith(".tmp_step_") or replaced_done:
             shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
     final = os.path.join(out_dir, f"step_{step:07d}")
     tmp = tempfile.mkdtemp(prefix=f".tmp_step_{step:07d}_", dir=out_dir)
@@ -376,9 +377,14 @@ def save_checkpoint(out_dir, step, weights, state, config):
             os.fsync(f.fileno())
     _fsync_dir(tmp)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is as readable as any other output
-    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if os.path.exists(final):  # re-saving a step: move the old copy aside until the new one is in place
+        aside = final + ".replaced"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        os.rename(tmp, final)  # a kill between these two renames is repaired by latest_checkpoint()
+        shutil.rmtree(aside)
+    else:
+        os.rename(tmp, final)
     pointer_tmp = os.path.join(out_dir, ".latest.tmp")
     with open(pointer_tmp, "w") as f:
         f.write(os.path.basename(final) + "\n")
@@ -411,9 +417,16 @@ def latest_checkpoint(out_dir):
         return None
     with open(pointer) as f:
         path = os.path.join(out_dir, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "state.pt")):
+    if not _is_complete(path) and _is_complete(path + ".replaced"):  # killed while re-saving this step
+        os.rename(path + ".replaced", path)
+        print0(f"restored {path} from the copy a killed re-save left aside")
+    if not _is_complete(path):
         raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
+
+
+def _is_complete(path):
+    return os.path.isfile(os.path.join(path, "state.pt")) and os.path.isfile(os.path.join(path, "config.json"))
 
 
 def load_checkpoint_state(path):
@@ -607,7 +620,10 @@ class MetricsLog:
         os.makedirs(out_dir, exist_ok=True)
         if resume_step is not None and os.path.isfile(self.path):
             with open(self.path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                lines = [line for line in f if line.strip()]
+            if lines and not lines[-1].endswith("\n"):  # the process was killed in the middle of this row
+                lines = lines[:-1]
+            rows = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(rows)
         elif resume_step is None and os.path.isfile(self.path):
