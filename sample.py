@@ -263,6 +263,11 @@ def main(argv=None):
         raise SampleError(f"--num_frames must be >= 1, got {args.num_frames}")
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise SampleError(f"cannot write to --out {args.out!r} ({existing} is not a writable directory)")
     model, info = load_generator(args)
     cfg = model.cfg
     toy = info["text_encoder"] == "toy"

@@ -79,7 +79,7 @@ def test_image_to_video_keeps_the_given_first_frame(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "not_a_checkpoint", "empty_prompt", "no_prompt", "too_many_frames",
-                                  "bad_image", "bad_toy_word", "chunk_misfit"])
+                                  "bad_image", "bad_toy_word", "chunk_misfit", "out_not_writable"])
 def test_bad_input_is_one_clear_error_and_no_file(tiny_ckpt, tmp_path, case):
     out = tmp_path / "out"
     junk = tmp_path / "junk"
@@ -97,7 +97,11 @@ def test_bad_input_is_one_clear_error_and_no_file(tiny_ckpt, tmp_path, case):
         "bad_toy_word": (["--ckpt", tiny_ckpt, "--prompt", "a purple circle moves left"], "not in the toy vocabulary"),
         "chunk_misfit": (["--ckpt", tiny_ckpt, *prompt, "--frames_per_block", "3", "--num_frames", "4"],
                          "whole number of 3-frame blocks"),
+        "out_not_writable": (["--ckpt", tiny_ckpt, *prompt], "cannot write to --out"),
     }[case]
+    if case == "out_not_writable":  # a file where the output directory's parent should be
+        (tmp_path / "blocker").write_text("")
+        out = tmp_path / "blocker" / "out"
     with pytest.raises(sample.SampleError, match=message) as error:
         sample.main([*args, "--out", str(out), "--quiet"])
     assert "\n" not in str(error.value)
