@@ -837,7 +837,11 @@ def _read_safetensors(paths):
     from safetensors.torch import load_file
     state = {}
     for path in paths:
-        state.update(load_file(path, device="cpu"))
+        try:
+            state.update(load_file(path, device="cpu"))
+        except Exception as err:  # safetensors raises its own error type for truncated or corrupt files
+            raise WeightLoadError(f"{path}: cannot be read as safetensors ({str(err).splitlines()[0][:200]}); the "
+                                  f"file is truncated or corrupt — copy or export it again") from None
     return state
 
 

@@ -470,6 +470,19 @@ def test_failed_load_leaves_model_unchanged(base, tmp_path, kind):
     assert_state_equal(model, before)
 
 
+def test_truncated_safetensors_is_one_clear_line(base, tmp_path):
+    path = write_wan_folder(base["wan_sd"], tmp_path / "wan", base["cfg"])
+    weights = next(p for p in os.listdir(path) if p.endswith(".safetensors"))
+    data = open(os.path.join(path, weights), "rb").read()
+    open(os.path.join(path, weights), "wb").write(data[: len(data) // 2])
+    model = fresh(base["cfg"])
+    before = snapshot(model)
+    with pytest.raises(WeightLoadError, match="truncated or corrupt") as ei:
+        load_weights(model, path)
+    assert "\n" not in str(ei.value)
+    assert_state_equal(model, before)
+
+
 def test_missing_path_raises(base, tmp_path):
     with pytest.raises((WeightLoadError, FileNotFoundError)):
         load_weights(fresh(base["cfg"]), str(tmp_path / "does_not_exist"))
