@@ -133,3 +133,20 @@ def test_every_shipped_config_loads_with_its_script():
         script = S3 if name.startswith("dmd") else S2 if name.startswith(("cd", "ode")) else S1
         cfg = common.load_config(script.Config, ["--config", path])
         assert cfg.out_dir.startswith("runs/"), (path, cfg.out_dir)
+
+
+def test_more_bad_inputs_are_one_clear_line(tmp_path):
+    """Rows of the README's bad-input table that belong to no single stage."""
+    import encoders
+    import model as M
+    with pytest.raises(ValueError, match="cpu_offload needs FSDP2: launch with torchrun"):
+        common.shard_model(M.CausalWanModel(M.WanConfig.from_preset("toy")), common.Dist(), cpu_offload=True)
+    empty = tmp_path / "not_wan"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="models_t5_umt5-xxl-enc-bf16.pth"):
+        encoders.load_text_encoder(str(empty))
+    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
+        encoders.load_codec(str(empty))
+    common.save_checkpoint(str(tmp_path / "run"), 1, {"model": {"w": torch.zeros(1)}}, {"step": 1}, {})
+    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume=true"):
+        common.resume_point(str(tmp_path / "run"), resume=False)

@@ -79,7 +79,7 @@ def test_image_to_video_keeps_the_given_first_frame(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "not_a_checkpoint", "empty_prompt", "no_prompt", "too_many_frames",
-                                  "bad_image", "bad_toy_word", "chunk_misfit", "out_not_writable"])
+                                  "bad_image", "bad_toy_word", "too_long_prompt", "chunk_misfit", "out_not_writable"])
 def test_bad_input_is_one_clear_error_and_no_file(tiny_ckpt, tmp_path, case):
     out = tmp_path / "out"
     junk = tmp_path / "junk"
@@ -95,6 +95,8 @@ def test_bad_input_is_one_clear_error_and_no_file(tiny_ckpt, tmp_path, case):
         "too_many_frames": (["--ckpt", tiny_ckpt, *prompt, "--num_frames", "5000"], "RoPE/cache range"),
         "bad_image": (["--ckpt", tiny_ckpt, *prompt, "--image", str(tmp_path / "broken.png")], "cannot read --image"),
         "bad_toy_word": (["--ckpt", tiny_ckpt, "--prompt", "a purple circle moves left"], "not in the toy vocabulary"),
+        "too_long_prompt": (["--ckpt", tiny_ckpt, "--prompt", " and ".join(["a red circle stays still"] * 4)],
+                            "text_len 16"),
         "chunk_misfit": (["--ckpt", tiny_ckpt, *prompt, "--frames_per_block", "3", "--num_frames", "4"],
                          "whole number of 3-frame blocks"),
         "out_not_writable": (["--ckpt", tiny_ckpt, *prompt], "cannot write to --out"),
