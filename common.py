@@ -219,10 +219,11 @@ def shard_model(model, dist_ctx, mixed_precision=True, cpu_offload=False):
 
 
 def autocast_context(dist_ctx, mixed_precision=True):
-    """bf16 autocast for a single process, on CUDA or CPU (FSDP2 handles precision when distributed; on a
-    distributed CPU run — the gloo tests — everything stays fp32). Else a no-op."""
+    """bf16 autocast for a single CUDA process (FSDP2 handles precision when distributed). CPU runs stay fp32:
+    bf16 on a CPU is fast only with bf16 instructions (AMX / AVX512-BF16); on an AVX2-only CPU (an AMD EPYC
+    here) a toy TF step took 31.6 s under bf16 autocast against 4.7 s in fp32. Else a no-op."""
     import contextlib
-    if mixed_precision and not dist_ctx.enabled:
+    if mixed_precision and not dist_ctx.enabled and dist_ctx.device.type == "cuda":
         return torch.autocast(dist_ctx.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

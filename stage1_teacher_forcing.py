@@ -63,7 +63,7 @@ class Config:
                                       # the EMA does not keep a share of the random initial weights
     # system
     device: str = "auto"
-    mixed_precision: bool = True      # bf16 compute with fp32 master weights (and fp32 reduce under FSDP2)
+    mixed_precision: bool = True      # CUDA: bf16 compute, fp32 master weights and fp32 reduce; CPU runs stay fp32
     cpu_offload: bool = False
     activation_checkpointing: bool = True
     seed: int = 0
