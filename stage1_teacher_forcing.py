@@ -157,7 +157,7 @@ def main(cfg):
     device = dist_ctx.device
     common.print0(f"stage 1 ({'teacher forcing' if cfg.causal else 'bidirectional'}), world size "
                   f"{dist_ctx.world_size}, device {device}\n{common.format_config(cfg)}")
-    assert cfg.loss_weighting in ("gaussian", "uniform"), f"loss_weighting must be gaussian or uniform"
+    assert cfg.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be gaussian or uniform"
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- model ----

@@ -269,7 +269,7 @@ def main(cfg):
     common.print0(f"stage 2 ({'causal consistency distillation' if cfg.method == 'cd' else 'causal ODE baseline'}),"
                   f" world size {dist_ctx.world_size}, device {device}\n{common.format_config(cfg)}")
     assert cfg.method in ("cd", "ode"), f"method must be 'cd' or 'ode', got {cfg.method!r}"
-    assert cfg.cd_weighting in ("uniform", "inverse_gap"), f"cd_weighting must be uniform or inverse_gap"
+    assert cfg.cd_weighting in ("uniform", "inverse_gap"), "cd_weighting must be uniform or inverse_gap"
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- models: frozen teacher φ, student θ, EMA student θ⁻ ----

@@ -255,7 +255,7 @@ def main(cfg):
     common.print0(f"stage 3 (asymmetric DMD), world size {dist_ctx.world_size}, device {device}\n"
                   f"{common.format_config(cfg)}")
     assert cfg.critic_updates >= 1, f"critic_updates must be >= 1, got {cfg.critic_updates}"
-    assert 0 <= cfg.dmd_min_t < cfg.dmd_max_t <= 1000, f"need 0 <= dmd_min_t < dmd_max_t <= 1000"
+    assert 0 <= cfg.dmd_min_t < cfg.dmd_max_t <= 1000, "need 0 <= dmd_min_t < dmd_max_t <= 1000"
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- models: generator G_θ (causal), real score (frozen), fake score / critic (trainable) ----

@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model import (
     CausalWanModel,
@@ -301,7 +301,7 @@ def test_causal_one_layer_matches_diffusers_on_prefixes(tmp_path):
     for f in range(F):
         want = run_diffusers(dm, x[:, : f + 1], tf[:, : f + 1], ctx)[:, f]
         errs.append(rel_err(out[:, f], want))
-    print(f"\n[causal 1-layer] per-frame (max abs, rel): " + ", ".join(f"({a:.2e}, {r:.2e})" for a, r in errs))
+    print("\n[causal 1-layer] per-frame (max abs, rel): " + ", ".join(f"({a:.2e}, {r:.2e})" for a, r in errs))
     assert max(r for _, r in errs) <= PARITY_RTOL
     # and the mask really is active: bidirectional frame 0 differs from causal frame 0
     assert not torch.allclose(run_ours(model, x, tf, ctx, causal=False)[:, 0], out[:, 0], rtol=0, atol=1e-3)

@@ -1,32 +1,20 @@
 """sample.py end to end on a tiny random toy-shaped checkpoint: mp4 frame count, streaming = non-streaming, I2V
 keeps its first frame, and every bad input gives one clear error and leaves no file behind."""
 import os
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
 import common
-import model as M
 import sample
 import toyworld
+from helpers import tiny_frame_wise_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = M.WanConfig(in_dim=12, out_dim=12, dim=32, ffn_dim=64, freq_dim=32, text_dim=toyworld.TOY_TEXT_DIM,
-                      text_len=toyworld.TOY_TEXT_LEN, num_heads=2, num_layers=1, causal=True)
-    model = M.CausalWanModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    root = tmp_path_factory.mktemp("sample")
-    run_config = dict(text_encoder="toy", codec="toy", num_frames=6)
-    path = common.save_checkpoint(str(root / "run"), 1, {"model": model.state_dict()}, {"step": 1},
-                                  {"model_config": asdict(cfg), "run_config": run_config, "stage": "stage3_dmd"})
-    return path
+    return tiny_frame_wise_checkpoint(tmp_path_factory.mktemp("sample"), num_frames=6)
 
 
 def run(ckpt, out, *extra):

@@ -7,15 +7,11 @@ import json
 import os
 import sys
 import textwrap
-from dataclasses import asdict
 
 import numpy as np
 import pytest
-import torch
 
-import common
-import model as M
-import toyworld
+from helpers import tiny_frame_wise_checkpoint
 import vbench_eval
 from vbench_eval import VBENCH_DIMENSIONS, VBenchError
 
@@ -176,17 +172,7 @@ EXTENDED = ["a red circle moves left quickly and a green triangle stays still", 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = M.WanConfig(in_dim=12, out_dim=12, dim=32, ffn_dim=64, freq_dim=32, text_dim=toyworld.TOY_TEXT_DIM,
-                      text_len=toyworld.TOY_TEXT_LEN, num_heads=2, num_layers=1, causal=True)
-    model = M.CausalWanModel(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    root = tmp_path_factory.mktemp("vbench")
-    return common.save_checkpoint(str(root / "run"), 1, {"model": model.state_dict()}, {"step": 1},
-                                  {"model_config": asdict(cfg), "stage": "stage3_dmd",
-                                   "run_config": dict(text_encoder="toy", codec="toy", num_frames=3)})
+    return tiny_frame_wise_checkpoint(tmp_path_factory.mktemp("vbench"), num_frames=3)
 
 
 @pytest.fixture
