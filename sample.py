@@ -101,7 +101,8 @@ def read_prompts(args):
 
 
 def read_image(path, height, width):
-    """An RGB image -> [1, 1, 3, H, W] in [-1, 1], resized to the video size."""
+    """An RGB image of exactly the video size -> [1, 1, 3, H, W] in [-1, 1]. Another size is an error rather
+    than a silent resize or crop: which of the two is right depends on the image."""
     import imageio.v3 as iio
     try:
         array = iio.imread(path)
@@ -114,9 +115,9 @@ def read_image(path, height, width):
         raise SampleError(f"--image {path!r} is not an RGB image (shape {tuple(image.shape)})")
     image = image[:, :, :3].permute(2, 0, 1).float()[None] / 127.5 - 1.0  # [1, 3, h, w]
     if tuple(image.shape[2:]) != (height, width):
-        image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", antialias=True,
-                                                align_corners=False)
-    return image.clamp(-1, 1)[:, None]  # [1, 1, 3, H, W]
+        raise SampleError(f"--image {path!r} is {image.shape[3]}x{image.shape[2]} but the video is {width}x{height}; "
+                          f"resize or crop it to {width}x{height} (or pass --width/--height to match the image)")
+    return image[:, None]  # [1, 1, 3, H, W]
 
 
 def slug(prompt, limit=80):

@@ -67,13 +67,15 @@ def test_image_to_video_keeps_the_given_first_frame(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "not_a_checkpoint", "empty_prompt", "no_prompt", "too_many_frames",
-                                  "bad_image", "bad_toy_word", "too_long_prompt", "chunk_misfit", "out_not_writable"])
+                                  "bad_image", "wrong_size_image", "bad_toy_word", "too_long_prompt", "chunk_misfit", "out_not_writable"])
 def test_bad_input_is_one_clear_error_and_no_file(tiny_ckpt, tmp_path, case):
     out = tmp_path / "out"
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"not safetensors")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    import imageio.v3 as iio
+    iio.imwrite(str(tmp_path / "big.png"), np.zeros((48, 64, 3), np.uint8))
     prompt = ["--prompt", "a red circle moves left quickly"]
     args, message = {
         "missing_ckpt": (["--ckpt", str(tmp_path / "nope"), *prompt], "not found"),
@@ -82,6 +84,8 @@ def test_bad_input_is_one_clear_error_and_no_file(tiny_ckpt, tmp_path, case):
         "no_prompt": (["--ckpt", tiny_ckpt], "no prompt"),
         "too_many_frames": (["--ckpt", tiny_ckpt, *prompt, "--num_frames", "5000"], "RoPE/cache range"),
         "bad_image": (["--ckpt", tiny_ckpt, *prompt, "--image", str(tmp_path / "broken.png")], "cannot read --image"),
+        "wrong_size_image": (["--ckpt", tiny_ckpt, *prompt, "--image", str(tmp_path / "big.png")],
+                             r"is 64x48 but the video is 32x32; resize or crop it"),
         "bad_toy_word": (["--ckpt", tiny_ckpt, "--prompt", "a purple circle moves left"], "not in the toy vocabulary"),
         "too_long_prompt": (["--ckpt", tiny_ckpt, "--prompt", " and ".join(["a red circle stays still"] * 4)],
                             "text_len 16"),
