@@ -2,13 +2,16 @@
 # make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite
 # make toy  — the whole toy pipeline from the shipped base: Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step),
 #             then ToyBench on held-out prompts and a few videos (re-running continues finished/stopped runs)
+# make ablation — the paper's Table 2 on the toy world: Stage 3 from the Stage-1 model, causal ODE and causal CD
+#             (after make toy; reuses finished runs; ABLATION_STEPS="1 2 4" for all three settings)
+ABLATION_STEPS ?= 2
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
 DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
                 --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
 
-.PHONY: setup test demo toy clean
+.PHONY: setup test demo toy ablation clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -31,6 +34,11 @@ toy: $(VENV)/.installed
 	$(PYTHON) stage3_asym_dmd.py --config configs/toy/dmd_2step.yaml --resume=true
 	$(PYTHON) vbench_eval.py --suite toy --ckpt runs/toy/dmd_2step --use_ema --steps 2 --samples 2
 	$(PYTHON) sample.py --ckpt runs/toy/dmd_2step --use_ema $(DEMO_PROMPTS) --out samples/toy --score
+
+ablation: $(VENV)/.installed
+	test -d data/toy || $(PYTHON) prepare_data.py --toy 8192 --out data/toy
+	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/tf.yaml --resume=true
+	$(PYTHON) vbench_eval.py --suite toy --ablation --ablation_steps $(ABLATION_STEPS) --samples 2 --json runs/toy/ablation.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -319,8 +319,8 @@ if __name__ == "__main__":
     p.add_argument("--text_encoder", default="toy")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--samples_per_clip", type=float, default=150 * 8 / 64,
-                   help="S/D of the run to cost (default: configs/toy/ode.yaml, 150 steps x 8 on 64 clips)")
+    p.add_argument("--samples_per_clip", type=float, default=100 * 4 / 16,
+                   help="S/D of the run to cost (default: configs/toy/ode.yaml, 100 steps x 4 on 16 clips)")
     p.add_argument("--json", default="bench_stage2.json")
     p = sub.add_parser("sampler", help="rollout speed vs the FLOP floor; KV cache vs recomputation")
     p.add_argument("--presets", nargs="+", default=["toy", "small"], choices=list(SAMPLER_PRESETS))

@@ -13,6 +13,12 @@ Held-out prompts are (colour, shape, motion) combinations that never occur in tr
 the semantic score measures composition, not memory. Every prompt is sampled `--samples` times from fixed
 seeds; the table is written to stdout and, with --json, to a file.
 
+--suite toy --ablation (also `make ablation`): the paper's Table 2 in miniature — the toy Stage 3 from the
+Stage-1 model, the causal-ODE and the causal-CD students at 1, 2 and 4 steps (finished runs are reused), with
+ToyBench, dynamic degree, drift and the Stage-2 cost (teacher forwards, seconds, bytes stored).
+
+  python vbench_eval.py --suite toy --ablation --ablation_steps 2 --samples 2 --json runs/toy/ablation.json
+
 --suite vbench: the VBench standard-mode protocol (eval_spec §1) in three resumable steps.
 
   1. generate (with --ckpt)  every distinct prompt of --prompts x --samples (default 5) videos, sharded over
@@ -60,6 +66,7 @@ import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -286,6 +293,9 @@ def timing_summary(entries):
 # toy suite
 
 
+FEW_STEP_LISTS = {1: [1000], 2: [1000, 500], 4: [1000, 750, 500, 250]}  # nominal; shift 5 is applied on use
+
+
 def load_model(path, use_ema):
     path = common.resolve_checkpoint(path)
     cfg = M.config_from_checkpoint(path)
@@ -330,7 +340,7 @@ def toy_suite(args):
     import toyworld
     model, path = load_model(args.ckpt, args.use_ema)
     prompts = [p for p in toyworld.heldout_prompts() for _ in range(args.samples)]
-    steps = {1: [1000], 2: [1000, 500], 4: [1000, 750, 500, 250]}[args.steps] if args.steps else None
+    steps = FEW_STEP_LISTS[args.steps] if args.steps else None
     if steps is not None and not model.cfg.causal:
         raise SystemExit(f"{path} is a bidirectional model; --steps is for few-step AR students (use --sample_steps)")
     start = time.time()
@@ -351,6 +361,88 @@ def toy_suite(args):
                        **{k: v for k, v in scores.items() if k != "per_video"}}, f, indent=2)
         print(f"wrote {args.json}")
     return scores
+
+
+# -----------------------------------------------------------------------------
+# toy ablation: the paper's Table 2 in miniature
+#
+# Which initialisation makes the best few-step student after Stage 3 (paper §4.3, Table 2)? The same toy
+# Stage-3 config (configs/toy/dmd_{n}step.yaml) is run from three initialisations — the Stage-1 AR diffusion
+# model itself, the causal-ODE student and the causal-CD student of Stage 2 — and each EMA generator is scored
+# on the held-out prompts. Runs are reused when finished and continued when stopped (--resume=true), so a
+# second call only evaluates. The Stage-2 cost column comes from the Stage-2 run's metrics.jsonl.
+
+ABLATION_INITS = (  # (row name, Stage-2 run, its config or None, Stage-3 out_dir suffix)
+    ("Stage-1 AR diffusion (no Stage 2)", "runs/toy/tf", None, "_from_tf"),
+    ("causal ODE (Stage 2 baseline)", "runs/toy/ode", "configs/toy/ode.yaml", "_from_ode"),
+    ("causal CD (Stage 2, ours)", "runs/toy/cd", "configs/toy/cd.yaml", ""),
+)
+
+
+def stage2_cost(run_dir):
+    """Teacher forwards, seconds and bytes stored by a Stage-2 run, from its metrics.jsonl: the ODE data cost
+    (trajectory generation, logged once as ode/*) plus the training steps' teacher forwards and seconds (CD
+    calls its teacher every step; ODE regression does not). A Stage-1 model used directly costs nothing."""
+    cost = dict(teacher_forwards=0.0, seconds=0.0, bytes_stored=0.0)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(os.path.join(common.resolve_checkpoint(run_dir), "config.json")) as f:
+        if json.load(f).get("stage") == "stage1" or not os.path.isfile(path):
+            return cost
+    training_forwards, previous_step = 0.0, 0
+    with open(path) as f:
+        for row in map(json.loads, f):
+            cost["teacher_forwards"] += row.get("ode/teacher_forwards", 0.0)
+            cost["seconds"] += row.get("ode/seconds", 0.0)
+            cost["bytes_stored"] += row.get("ode/bytes_written", 0.0)
+            if "sec_per_step" in row:  # mean over the steps since the previous row
+                cost["seconds"] += row["sec_per_step"] * (row["step"] - previous_step)
+                previous_step = row["step"]
+            training_forwards = row.get("teacher_forwards", training_forwards)  # cumulative over the run
+    cost["teacher_forwards"] += training_forwards
+    return cost
+
+
+def run_stage(script, config, overrides):
+    """A stage script as a subprocess (its own progress bars and errors), continued if stopped."""
+    command = [sys.executable, script, "--config", config, *overrides, "--resume=true"]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def ablation_suite(args):
+    import toyworld
+    rows, results = {}, []
+    for steps in args.ablation_steps:
+        for name, stage2_run, stage2_config, suffix in ABLATION_INITS:
+            if not os.path.isdir(stage2_run):
+                if stage2_config is None:
+                    raise SystemExit(f"{stage2_run} not found: run Stage 1 first (make toy, or "
+                                     f"python stage1_teacher_forcing.py --config configs/toy/tf.yaml)")
+                run_stage("stage2_causal_cd.py", stage2_config, [])
+            out_dir = f"runs/toy/dmd_{steps}step{suffix}"
+            run_stage("stage3_asym_dmd.py", f"configs/toy/dmd_{steps}step.yaml",
+                      [f"--generator={stage2_run}", f"--out_dir={out_dir}"])
+            model, path = load_model(out_dir, use_ema=True)
+            prompts = [p for p in toyworld.heldout_prompts() for _ in range(args.samples)]
+            scores = toyworld.score(sample_toy(model, prompts, seed=args.seed, steps=FEW_STEP_LISTS[steps]), prompts)
+            label = f"{steps}-step, init: {name}"
+            rows[label] = scores
+            results.append(dict(steps=steps, init=name, stage2_run=stage2_run, stage3_checkpoint=path,
+                                stage2_cost=stage2_cost(stage2_run),
+                                **{k: v for k, v in scores.items() if k != "per_video"}))
+    print()
+    toyworld.print_table(rows)
+    print("\n| steps | Stage-3 init | Total | Quality | Semantic | dynamic | drift | Stage-2 teacher forwards | "
+          "Stage-2 seconds | bytes stored |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        c = r["stage2_cost"]
+        print(f"| {r['steps']} | {r['init']} | {100 * r['total']:.1f} | {100 * r['quality']:.1f} | "
+              f"{100 * r['semantic']:.1f} | {100 * r['dynamic_degree']:.1f} | {100 * r['drift']:.1f} | "
+              f"{c['teacher_forwards']:,.0f} | {c['seconds']:,.0f} | {c['bytes_stored'] / 2**20:,.1f} MiB |")
+    if args.json:
+        write_atomically(args.json, json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -855,6 +947,10 @@ def parse_args(argv=None):
     parser.add_argument("--name", default=None)
     parser.add_argument("--png", default=None, help="toy: write a strip of one video per prompt (first 8)")
     parser.add_argument("--json", default=None, help="toy: write the scores to this file")
+    parser.add_argument("--ablation", action="store_true", help="toy: Table 2 in miniature — Stage 3 from each "
+                        "initialisation (Stage-1 model, causal ODE, causal CD), trained or reused, then scored")
+    parser.add_argument("--ablation_steps", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4],
+                        help="toy --ablation: the few-step settings to run (default 1 2 4)")
     vbench = parser.add_argument_group("--suite vbench")
     vbench.add_argument("--prompts", help="one prompt per line (VBench: prompts/all_dimension.txt)")
     vbench.add_argument("--extended_prompts", help="generate from these lines instead (aligned with --prompts); "
@@ -878,8 +974,8 @@ def parse_args(argv=None):
     vbench.add_argument("--quiet", action="store_true", help="no line per video")
     args = parser.parse_args(argv)
     if args.suite == "toy":
-        if not args.ckpt:
-            parser.error("--suite toy needs --ckpt")
+        if not args.ckpt and not args.ablation:
+            parser.error("--suite toy needs --ckpt (or --ablation)")
         args.samples = args.samples or 4
         args.sample_steps = args.sample_steps or 40
     return args
@@ -888,7 +984,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.suite == "toy":
-        return toy_suite(args)
+        return ablation_suite(args) if args.ablation else toy_suite(args)
     try:
         return vbench_suite(args)
     except VBenchError as e:

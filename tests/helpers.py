@@ -21,3 +21,57 @@ def tiny_frame_wise_checkpoint(root, num_frames):
     run_config = dict(text_encoder="toy", codec="toy", num_frames=num_frames)
     return common.save_checkpoint(str(root / "run"), 1, {"model": model.state_dict()}, {"step": 1},
                                   {"model_config": asdict(cfg), "run_config": run_config, "stage": "stage3_dmd"})
+
+
+def run_script(script, args, timeout=600):
+    """A stage script in a fresh process with one thread: bit-exact comparisons need every run to do the same
+    arithmetic, and the thread count changes the CPU kernels' reduction order."""
+    import os
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, str(script), *args], cwd=os.path.dirname(script), capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def sigkill_resume_equals_straight(script, args_for, tmp_path, kill_after_rows, seed=0):
+    """Fault injection for one stage: start `script` with args_for(out_dir), SIGKILL it at a random moment after
+    `kill_after_rows` rows of metrics.jsonl, resume with --resume=true, run the same config uninterrupted, and
+    require bit-identical weights (every safetensors file of the last checkpoint) and identical metrics rows
+    (timings aside). Returns the checkpoint the kill left as latest."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+    from safetensors.torch import load_file
+    killed, straight = str(tmp_path / "killed"), str(tmp_path / "straight")
+    metrics = os.path.join(killed, "metrics.jsonl")
+    process = subprocess.Popen([sys.executable, str(script), *args_for(killed)], cwd=os.path.dirname(script),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and \
+            not (os.path.isfile(metrics) and len(open(metrics).readlines()) >= kill_after_rows):
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    assert process.poll() is None, "the run ended before it could be killed; give it more steps"
+    process.kill()
+    process.wait()
+    killed_at = common.latest_checkpoint(killed)
+    run_script(script, [*args_for(killed), "--resume=true"])
+    run_script(script, args_for(straight))
+    a_dir, b_dir = common.latest_checkpoint(straight), common.latest_checkpoint(killed)
+    assert os.path.basename(a_dir) == os.path.basename(b_dir)
+    names = sorted(n for n in os.listdir(a_dir) if n.endswith(".safetensors"))
+    assert names and names == sorted(n for n in os.listdir(b_dir) if n.endswith(".safetensors"))
+    for name in names:
+        a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def rows(d):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            return [{k: v for k, v in r.items() if "sec" not in k} for r in map(json.loads, f)]
+    assert rows(straight) == rows(killed)
+    return killed_at

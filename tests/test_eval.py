@@ -42,3 +42,28 @@ def test_ground_truth_toy_videos_score_near_100():
     prompts = toyworld.heldout_prompts()
     videos = torch.stack([toyworld.render(p, seed=i) for i, p in enumerate(prompts)])
     assert toyworld.score(videos, prompts)["total"] >= 0.99
+
+
+def test_stage2_cost_of_the_ablation_table(tmp_path):
+    import json
+    # an ODE run: trajectories logged once (step 0), then 20 regression steps logged every 10
+    ode = tmp_path / "ode"
+    common.save_checkpoint(str(ode), 20, {"model": {"w": torch.zeros(1)}}, {"step": 20}, {"stage": "stage2_ode"})
+    rows = [{"step": 0, "ode/teacher_forwards": 1536.0, "ode/seconds": 300.0, "ode/bytes_written": 4e6},
+            {"step": 10, "loss": 1.0, "sec_per_step": 2.0}, {"step": 20, "loss": 0.5, "sec_per_step": 3.0}]
+    (ode / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # 300 s of trajectories + 10·2 + 10·3 s of training; 1,536 teacher forwards; 4 MB
+    assert vbench_eval.stage2_cost(str(ode)) == dict(teacher_forwards=1536.0, seconds=350.0, bytes_stored=4e6)
+    # a CD run: its teacher forwards are cumulative in every row, nothing stored
+    cd = tmp_path / "cd"
+    common.save_checkpoint(str(cd), 20, {"model": {"w": torch.zeros(1)}}, {"step": 20}, {"stage": "stage2_cd"})
+    rows = [{"step": 0, "ode/teacher_forwards": 0.0, "ode/seconds": 0.0, "ode/bytes_written": 0.0},
+            {"step": 10, "sec_per_step": 4.0, "teacher_forwards": 80.0},
+            {"step": 20, "sec_per_step": 5.0, "teacher_forwards": 160.0}]
+    (cd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert vbench_eval.stage2_cost(str(cd)) == dict(teacher_forwards=160.0, seconds=90.0, bytes_stored=0.0)
+    # a Stage-1 model used directly as the Stage-3 initialisation costs nothing in Stage 2
+    tf = tmp_path / "tf"
+    common.save_checkpoint(str(tf), 5, {"model": {"w": torch.zeros(1)}}, {"step": 5}, {"stage": "stage1"})
+    (tf / "metrics.jsonl").write_text(json.dumps({"step": 5, "sec_per_step": 9.0}) + "\n")
+    assert vbench_eval.stage2_cost(str(tf)) == dict(teacher_forwards=0.0, seconds=0.0, bytes_stored=0.0)

@@ -1,6 +1,7 @@
 """Stage 2: causal CD (eq. 3-4) by hand, gradient isolation, the ODE baseline vs generate(), toy runs."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,12 @@ def test_toy_cd_sample_grid(toy_teacher, tmp_path):
     out = str(tmp_path / "cd_grid")
     S2.main(common.load_config(S2.Config, stage2_args(data, teacher, out, max_steps=1, sample_every=1, num_samples=2)))
     assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
+
+
+def test_cd_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(toy_teacher, tmp_path):
+    from helpers import sigkill_resume_equals_straight
+    data, teacher = toy_teacher
+    script = Path(__file__).resolve().parents[1] / "stage2_causal_cd.py"
+    killed_at = sigkill_resume_equals_straight(
+        script, lambda out: stage2_args(data, teacher, out, max_steps=10, save_every=1), tmp_path, kill_after_rows=4)
+    print(f"stage 2 SIGKILL left {killed_at} as latest; resumed run == uninterrupted run, bit for bit")

@@ -305,3 +305,15 @@ def test_two_rank_fsdp2_run_equals_single_process(toy_base, tmp_path):
         print(f"stage 3 {name}: FSDP2 2 ranks vs single process: {differ} of {total} weights differ by > 1e-6, "
               f"max {worst:.1e}")
         assert differ <= 5e-4 * total and worst <= 2e-3 + 1e-6, (name, differ, worst)
+
+
+def test_dmd_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(toy_base, tmp_path):
+    from pathlib import Path
+    from helpers import sigkill_resume_equals_straight
+    data, base = toy_base
+    script = Path(__file__).resolve().parents[1] / "stage3_asym_dmd.py"
+    killed_at = sigkill_resume_equals_straight(
+        script, lambda out: stage3_args(data, base, out, max_steps=6, save_every=1, grad_accum=1),
+        tmp_path, kill_after_rows=2)
+    print(f"stage 3 SIGKILL left {killed_at} as latest; resumed run == uninterrupted run, bit for bit "
+          "(generator, EMA, critic)")
