@@ -328,7 +328,10 @@ def main(cfg):
     from tqdm import tqdm
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc=f"stage2 {cfg.method}", dynamic_ncols=True)
-    step_start, teacher_forwards = time.time(), 0
+    # teacher forwards so far (per rank; logged cumulatively): CD calls the teacher for 2 (cond + uncond) × the
+    # batch every micro-step, so a resumed run starts from the count of the steps already done
+    forwards_per_step = 2 * cfg.batch_size * cfg.grad_accum if cfg.method == "cd" else 0
+    step_start, teacher_forwards = time.time(), start_step * forwards_per_step
     stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:

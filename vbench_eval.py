@@ -420,8 +420,11 @@ def ablation_suite(args):
                                      f"python stage1_teacher_forcing.py --config configs/toy/tf.yaml)")
                 run_stage("stage2_causal_cd.py", stage2_config, [])
             out_dir = f"runs/toy/dmd_{steps}step{suffix}"
+            # the EMA student where the run keeps one (TF, CD); the ODE regression keeps none
+            has_ema = os.path.isfile(os.path.join(common.resolve_checkpoint(stage2_run), "ema.safetensors"))
             run_stage("stage3_asym_dmd.py", f"configs/toy/dmd_{steps}step.yaml",
-                      [f"--generator={stage2_run}", f"--out_dir={out_dir}"])
+                      [f"--generator={stage2_run}", f"--generator_use_ema={str(has_ema).lower()}",
+                       f"--out_dir={out_dir}"])
             model, path = load_model(out_dir, use_ema=True)
             prompts = [p for p in toyworld.heldout_prompts() for _ in range(args.samples)]
             scores = toyworld.score(sample_toy(model, prompts, seed=args.seed, steps=FEW_STEP_LISTS[steps]), prompts)
@@ -984,7 +987,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.suite == "toy":
-        return ablation_suite(args) if args.ablation else toy_suite(args)
+        try:
+            return ablation_suite(args) if args.ablation else toy_suite(args)
+        except M.WeightLoadError as e:
+            raise SystemExit(f"vbench_eval.py: error: {e}") from None
     try:
         return vbench_suite(args)
     except VBenchError as e:

@@ -73,5 +73,5 @@ def sigkill_resume_equals_straight(script, args_for, tmp_path, kill_after_rows, 
     def rows(d):
         with open(os.path.join(d, "metrics.jsonl")) as f:
             return [{k: v for k, v in r.items() if "sec" not in k} for r in map(json.loads, f)]
-    assert rows(straight) == rows(killed)
+    assert rows(straight) == rows(killed), (rows(straight), rows(killed))
     return killed_at
