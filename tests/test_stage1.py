@@ -310,8 +310,31 @@ def test_two_rank_run_killed_then_resumed_matches_an_uninterrupted_two_rank_run(
         time.sleep(0.01)
     time.sleep(random.Random(1).uniform(0.0, 0.5))
     assert process.poll() is None, "the run ended before it could be killed; raise max_steps"
-    os.killpg(process.pid, signal.SIGKILL)  # launcher and ranks at once, as a cluster preemption does
+    # launcher and ranks at once, as a cluster preemption does. torchrun starts each rank in a session of its
+    # own, so killing the launcher's group is not enough: every process whose command line names this run's
+    # out_dir is killed, and the test waits until none is left (a surviving rank once kept writing metrics)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    marker = f"--out_dir={killed}".encode()
+
+    def run_processes():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+        return found
+    while time.time() < deadline and run_processes():
+        for pid in run_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    assert not run_processes(), "ranks of the killed run are still alive"
     killed_at = common.latest_checkpoint(killed)
     assert killed_at is not None and not killed_at.endswith("step_0000008"), killed_at
     for out_dir, resume in ((killed, True), (str(tmp_path / "straight"), False)):
