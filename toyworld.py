@@ -493,12 +493,8 @@ def score_video(video, prompt):
     return out
 
 
-def score(videos, prompts):
-    """ToyBench over a set: videos [B, T, 3, H, W] in [-1, 1] + prompts [B] -> dict with per-metric means,
-    quality / semantic / total aggregated VBench-style (from the set-level means), drift, and per-video dicts."""
-    B = videos.shape[0]
-    assert videos.ndim == 5 and B == len(prompts), f"score wants [B, T, 3, H, W] and B prompts, got {tuple(videos.shape)} and {len(prompts)}"
-    per_video = [score_video(videos[b], prompts[b]) for b in range(B)]
+def aggregate(per_video):
+    """Per-video metric dicts -> set-level means, and quality / semantic / total aggregated VBench-style."""
     out = {}
     for k in SEMANTIC_KEYS + QUALITY_KEYS + ("drift", "drift_gap"):
         vals = [r[k] for r in per_video if r[k] is not None]
@@ -507,9 +503,27 @@ def score(videos, prompts):
     out["quality"] = sum(quality) / len(quality)
     out["semantic"] = sum(out[k] for k in SEMANTIC_KEYS) / len(SEMANTIC_KEYS)
     out["total"] = (4 * out["quality"] + out["semantic"]) / 5
-    out["num_videos"] = B
-    out["per_video"] = per_video
     return out
+
+
+def bootstrap_standard_error(per_video, key="total", resamples=1000, seed=0):
+    """Standard error of the set-level `key` from resampling the videos with replacement: how far apart two
+    checkpoints' scores must be before this many videos can tell them apart."""
+    assert per_video, "bootstrap_standard_error needs at least one video"
+    gen = torch.Generator().manual_seed(seed)
+    n = len(per_video)
+    values = torch.tensor([aggregate([per_video[i] for i in torch.randint(0, n, (n,), generator=gen).tolist()])[key]
+                           for _ in range(resamples)], dtype=torch.float64)   # [resamples]
+    return values.std().item()
+
+
+def score(videos, prompts):
+    """ToyBench over a set: videos [B, T, 3, H, W] in [-1, 1] + prompts [B] -> dict with per-metric means,
+    quality / semantic / total aggregated VBench-style (from the set-level means), drift, and per-video dicts."""
+    B = videos.shape[0]
+    assert videos.ndim == 5 and B == len(prompts), f"score wants [B, T, 3, H, W] and B prompts, got {tuple(videos.shape)} and {len(prompts)}"
+    per_video = [score_video(videos[b], prompts[b]) for b in range(B)]
+    return dict(aggregate(per_video), num_videos=B, per_video=per_video)
 
 
 TABLE_COLUMNS = ("total", "quality", "semantic") + SEMANTIC_KEYS + QUALITY_KEYS + ("drift",)

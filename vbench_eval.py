@@ -432,14 +432,16 @@ def ablation_suite(args):
             rows[label] = scores
             results.append(dict(steps=steps, init=name, stage2_run=stage2_run, stage3_checkpoint=path,
                                 stage2_cost=stage2_cost(stage2_run),
+                                total_standard_error=toyworld.bootstrap_standard_error(scores["per_video"]),
                                 **{k: v for k, v in scores.items() if k != "per_video"}))
     print()
     toyworld.print_table(rows)
-    print("\n| steps | Stage-3 init | Total | Quality | Semantic | dynamic | drift | Stage-2 teacher forwards | "
+    print("\n| steps | Stage-3 init | Total ± bootstrap SE | Quality | Semantic | dynamic | drift | Stage-2 teacher forwards | "
           "Stage-2 seconds | bytes stored |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = r["stage2_cost"]
-        print(f"| {r['steps']} | {r['init']} | {100 * r['total']:.1f} | {100 * r['quality']:.1f} | "
+        print(f"| {r['steps']} | {r['init']} | {100 * r['total']:.1f} ± {100 * r['total_standard_error']:.1f} | "
+              f"{100 * r['quality']:.1f} | "
               f"{100 * r['semantic']:.1f} | {100 * r['dynamic_degree']:.1f} | {100 * r['drift']:.1f} | "
               f"{c['teacher_forwards']:,.0f} | {c['seconds']:,.0f} | {c['bytes_stored'] / 2**20:,.1f} MiB |")
     if args.json:

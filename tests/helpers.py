@@ -34,18 +34,38 @@ def run_script(script, args, timeout=600):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def assert_same_run(dir_a, dir_b, num_rows=None):
+    """Two runs of the same config ended in the same state: the same last checkpoint, bit-identical weights in
+    every safetensors file of it, and identical metrics rows (timings aside; `num_rows` of them if given)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    a_dir, b_dir = common.latest_checkpoint(dir_a), common.latest_checkpoint(dir_b)
+    assert os.path.basename(a_dir) == os.path.basename(b_dir), (a_dir, b_dir)
+    names = sorted(n for n in os.listdir(a_dir) if n.endswith(".safetensors"))
+    assert names and names == sorted(n for n in os.listdir(b_dir) if n.endswith(".safetensors")), (a_dir, b_dir)
+    for name in names:
+        a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def rows(d):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            return [{k: v for k, v in r.items() if "sec" not in k} for r in map(json.loads, f)]
+    assert rows(dir_a) == rows(dir_b), (rows(dir_a), rows(dir_b))
+    assert num_rows is None or len(rows(dir_a)) == num_rows, f"{len(rows(dir_a))} metrics rows, expected {num_rows}"
+
+
 def sigkill_resume_equals_straight(script, args_for, tmp_path, kill_after_rows, seed=0):
     """Fault injection for one stage: start `script` with args_for(out_dir), SIGKILL it at a random moment after
     `kill_after_rows` rows of metrics.jsonl, resume with --resume=true, run the same config uninterrupted, and
     require bit-identical weights (every safetensors file of the last checkpoint) and identical metrics rows
     (timings aside). Returns the checkpoint the kill left as latest."""
-    import json
     import os
     import random
     import subprocess
     import sys
     import time
-    from safetensors.torch import load_file
     killed, straight = str(tmp_path / "killed"), str(tmp_path / "straight")
     metrics = os.path.join(killed, "metrics.jsonl")
     process = subprocess.Popen([sys.executable, str(script), *args_for(killed)], cwd=os.path.dirname(script),
@@ -62,16 +82,5 @@ def sigkill_resume_equals_straight(script, args_for, tmp_path, kill_after_rows, 
     killed_at = common.latest_checkpoint(killed)
     run_script(script, [*args_for(killed), "--resume=true"])
     run_script(script, args_for(straight))
-    a_dir, b_dir = common.latest_checkpoint(straight), common.latest_checkpoint(killed)
-    assert os.path.basename(a_dir) == os.path.basename(b_dir)
-    names = sorted(n for n in os.listdir(a_dir) if n.endswith(".safetensors"))
-    assert names and names == sorted(n for n in os.listdir(b_dir) if n.endswith(".safetensors"))
-    for name in names:
-        a, b = load_file(os.path.join(a_dir, name)), load_file(os.path.join(b_dir, name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-
-    def rows(d):
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            return [{k: v for k, v in r.items() if "sec" not in k} for r in map(json.loads, f)]
-    assert rows(straight) == rows(killed), (rows(straight), rows(killed))
+    assert_same_run(straight, killed)
     return killed_at

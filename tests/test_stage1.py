@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_run
 from safetensors.torch import load_file
 
 import common
@@ -140,12 +141,7 @@ def test_resume_is_bit_identical(toy_data, tmp_path):
                                                    ema_decay=0.9)))
     S1.main(common.load_config(S1.Config, run_args(toy_data, resumed, max_steps=4, save_every=2, batch_size=2,
                                                    ema_decay=0.9, resume=True)))
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(os.path.join(common.latest_checkpoint(straight), name))
-        b = load_file(os.path.join(common.latest_checkpoint(resumed), name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]  # noqa
-    assert losses(straight) == losses(resumed) and len(losses(straight)) == 4
+    assert_same_run(straight, resumed, num_rows=4)
     assert os.path.isfile(os.path.join(straight, "loss.png"))  # the loss curve written with each checkpoint
 
 
@@ -239,12 +235,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(toy_
     run_in_subprocess(run_args(toy_data, interrupted, resume=True, **args))
     straight = str(tmp_path / "straight")
     run_in_subprocess(run_args(toy_data, straight, **args))
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(os.path.join(common.latest_checkpoint(straight), name))
-        b = load_file(os.path.join(common.latest_checkpoint(interrupted), name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]  # noqa
-    assert losses(straight) == losses(interrupted) and len(losses(straight)) == 40
+    assert_same_run(straight, interrupted, num_rows=40)
 
 
 def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(toy_data, tmp_path):
@@ -279,12 +270,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(toy_
     run_in_subprocess(run_args(toy_data, killed, resume=True, **args))
     straight = str(tmp_path / "straight")
     run_in_subprocess(run_args(toy_data, straight, **args))
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(os.path.join(common.latest_checkpoint(straight), name))
-        b = load_file(os.path.join(common.latest_checkpoint(killed), name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]  # noqa
-    assert losses(straight) == losses(killed) and len(losses(straight)) == 16
+    assert_same_run(straight, killed, num_rows=16)
     assert not any(name.startswith(".tmp_step_") for name in os.listdir(killed))  # the next save cleaned up
     print(f"3 SIGKILLs, {torn_writes} of them inside a checkpoint write")
     assert torn_writes >= 1  # the harness did exercise a torn checkpoint write
@@ -342,10 +328,5 @@ def test_two_rank_run_killed_then_resumed_matches_an_uninterrupted_two_rank_run(
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     straight = str(tmp_path / "straight")
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(os.path.join(common.latest_checkpoint(straight), name))
-        b = load_file(os.path.join(common.latest_checkpoint(killed), name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-    losses = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))]  # noqa
-    assert losses(straight) == losses(killed) and len(losses(straight)) == 8
+    assert_same_run(straight, killed, num_rows=8)
     print(f"2-rank SIGKILL after {os.path.basename(killed_at)}, resumed: bit-identical to the uninterrupted run")

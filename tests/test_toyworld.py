@@ -171,3 +171,18 @@ def test_table(capsys, heldout_set):
     tw.print_table({"ground truth": tw.score(videos[:3], prompts[:3])})
     out = capsys.readouterr().out
     assert "ground truth" in out and "100.0" in out and "total" in out
+
+
+def test_aggregate_by_hand_and_bootstrap_standard_error():
+    def video(value, **overrides):
+        return {**{k: value for k in tw.SEMANTIC_KEYS + tw.QUALITY_KEYS + ("drift", "drift_gap")}, **overrides}
+    # semantic (1 + 0.5 + 0 + 1)/4 = 0.625; quality over the defined metrics (1 + 0.5 + 0.5)/3, dynamic None
+    s = tw.aggregate([video(1.0, shape=0.5, direction=0.0, background=0.5, consistency=0.5, dynamic_degree=None)])
+    assert s["semantic"] == 0.625 and abs(s["quality"] - 2 / 3) < 1e-12
+    assert abs(s["total"] - (4 * 2 / 3 + 0.625) / 5) < 1e-12
+    # 20 perfect and 20 failed videos: the total is the fraction of perfect ones, a Bernoulli(1/2) mean over 40
+    # videos, whose standard error is sqrt(0.25 / 40) = 0.0791; identical videos have none
+    mixed = [video(1.0)] * 20 + [video(0.0)] * 20
+    assert tw.aggregate(mixed)["total"] == 0.5
+    assert abs(tw.bootstrap_standard_error(mixed) - 0.0791) < 0.008
+    assert tw.bootstrap_standard_error([video(0.7)] * 10) < 1e-12
