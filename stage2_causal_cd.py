@@ -328,10 +328,10 @@ def main(cfg):
     from tqdm import tqdm
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc=f"stage2 {cfg.method}", dynamic_ncols=True)
-    # teacher forwards so far (per rank; logged cumulatively): CD calls the teacher for 2 (cond + uncond) × the
-    # batch every micro-step, so a resumed run starts from the count of the steps already done
+    # teacher forwards per rank and optimizer step: CD calls the teacher for 2 (cond + uncond) × the batch every
+    # micro-step; the cumulative count is derived from the step, so a resumed run continues it
     forwards_per_step = 2 * cfg.batch_size * cfg.grad_accum if cfg.method == "cd" else 0
-    step_start, teacher_forwards = time.time(), start_step * forwards_per_step
+    step_start = time.time()
     stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
@@ -358,7 +358,6 @@ def main(cfg):
                     loss, _ = cd_loss(student, ema, teacher, x_gt, torch.stack(noise).to(device), t, t_next, context,
                                       negative.expand_as(context), cfg.guidance_scale,
                                       cd_weight(t, t_next, cfg.cd_weighting, grid))
-                    teacher_forwards += 2 * len(prompts)
                 else:
                     states = torch.stack([data.get(order.item(c), "states")[0] for c in counters]).to(device)
                     index = torch.stack([torch.randint(0, len(stored_t), (), generator=g) for g in generators])
@@ -378,7 +377,7 @@ def main(cfg):
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             seconds = (time.time() - step_start) / cfg.log_every
             log.log(done, loss=total_loss, grad_norm=grad_norm, sec_per_step=seconds,
-                    teacher_forwards=teacher_forwards * dist_ctx.world_size, nonfinite_skipped=guard.take_skipped())
+                    teacher_forwards=done * forwards_per_step * dist_ctx.world_size, nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(loss=f"{total_loss:.5f}", gnorm=f"{grad_norm:.3f}")
             step_start = time.time()
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
