@@ -52,8 +52,9 @@ def assert_same_run(dir_a, dir_b, num_rows=None):
     def rows(d):
         with open(os.path.join(d, "metrics.jsonl")) as f:
             return [{k: v for k, v in r.items() if "sec" not in k} for r in map(json.loads, f)]
-    assert rows(dir_a) == rows(dir_b), (rows(dir_a), rows(dir_b))
-    assert num_rows is None or len(rows(dir_a)) == num_rows, f"{len(rows(dir_a))} metrics rows, expected {num_rows}"
+    rows_a, rows_b = rows(dir_a), rows(dir_b)
+    assert rows_a == rows_b, (rows_a, rows_b)
+    assert num_rows is None or len(rows_a) == num_rows, f"{len(rows_a)} metrics rows, expected {num_rows}"
 
 
 def sigkill_resume_equals_straight(script, args_for, tmp_path, kill_after_rows, seed=0):

@@ -313,8 +313,8 @@ def test_two_rank_run_killed_then_resumed_matches_an_uninterrupted_two_rank_run(
             except OSError:
                 pass
         return found
-    while time.time() < deadline and run_processes():
-        for pid in run_processes():
+    while time.time() < deadline and (survivors := run_processes()):
+        for pid in survivors:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
