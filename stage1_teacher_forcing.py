@@ -209,7 +209,7 @@ def main(cfg):
     from tqdm import tqdm
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc="stage1", dynamic_ncols=True)
-    step_start = time.time()
+    step_start, logged_step = time.time(), start_step  # sec_per_step: mean since the last row
     stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
@@ -251,11 +251,11 @@ def main(cfg):
 
         # ---- logging, samples, checkpoints ----
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            seconds = (time.time() - step_start) / cfg.log_every
+            seconds = (time.time() - step_start) / (done - logged_step)
             log.log(done, loss=total_loss, grad_norm=grad_norm, lr=lr_at(step, cfg), sec_per_step=seconds,
                     nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(loss=f"{total_loss:.4f}", gnorm=f"{grad_norm:.2f}")
-            step_start = time.time()
+            step_start, logged_step = time.time(), done
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
             prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)

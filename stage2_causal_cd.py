@@ -331,7 +331,7 @@ def main(cfg):
     # teacher forwards per rank and optimizer step: CD calls the teacher for 2 (cond + uncond) × the batch every
     # micro-step; the cumulative count is derived from the step, so a resumed run continues it
     forwards_per_step = 2 * cfg.batch_size * cfg.grad_accum if cfg.method == "cd" else 0
-    step_start = time.time()
+    step_start, logged_step = time.time(), start_step  # sec_per_step: mean since the last row
     stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
@@ -375,11 +375,11 @@ def main(cfg):
 
         # ---- logging, samples, checkpoints ----
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            seconds = (time.time() - step_start) / cfg.log_every
+            seconds = (time.time() - step_start) / (done - logged_step)
             log.log(done, loss=total_loss, grad_norm=grad_norm, sec_per_step=seconds,
                     teacher_forwards=done * forwards_per_step * dist_ctx.world_size, nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(loss=f"{total_loss:.5f}", gnorm=f"{grad_norm:.3f}")
-            step_start = time.time()
+            step_start, logged_step = time.time(), done
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
             prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)

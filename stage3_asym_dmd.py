@@ -327,7 +327,7 @@ def main(cfg):
     from tqdm import tqdm
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     disable=not dist_ctx.is_main, desc="stage3 dmd", dynamic_ncols=True)
-    step_start = time.time()
+    step_start, logged_step = time.time(), start_step  # sec_per_step: mean since the last row
     stop = common.StopSignal()  # SIGTERM: save after this step and exit
     guard = common.NonFiniteGuard(cfg.max_nonfinite_steps, cfg.out_dir)
     for step in progress:
@@ -384,12 +384,12 @@ def main(cfg):
         # ---- logging, samples, checkpoints ----
         critic_value = sum(critic_losses) / len(critic_losses)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            seconds = (time.time() - step_start) / cfg.log_every
+            seconds = (time.time() - step_start) / (done - logged_step)
             log.log(done, generator_loss=generator_loss, critic_loss=critic_value,
                     generator_grad_norm=generator_grad_norm, critic_grad_norm=max(critic_grad_norms),
                     sec_per_step=seconds, nonfinite_skipped=guard.take_skipped())
             progress.set_postfix(gen=f"{generator_loss:.4f}", critic=f"{critic_value:.4f}")
-            step_start = time.time()
+            step_start, logged_step = time.time(), done
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
             preview = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, prompts)

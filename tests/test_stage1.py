@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,29 @@ def test_a_non_finite_step_is_skipped_and_logged(toy_data, tmp_path, monkeypatch
         assert all(torch.isfinite(v).all() for v in weights(3, name).values())
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 0]
+
+
+def test_sec_per_step_is_the_mean_over_the_steps_since_the_last_row(toy_data, tmp_path, monkeypatch):
+    """A fake clock ticks 1 s per optimizer step, so every row must say 1.0 s/step — also a last row after a
+    partial interval (max_steps not a multiple of log_every) and the first row after an off-boundary resume.
+    vbench_eval's Stage-2 cost multiplies this number by the step gap, so dividing by log_every undercounted."""
+    clock = [1000.0]
+    real_clip = common.clip_grad_norm
+
+    def clip_and_tick(*args, **kwargs):  # called once per optimizer step
+        clock[0] += 1.0
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(common, "clip_grad_norm", clip_and_tick)
+    monkeypatch.setattr(S1, "time", types.SimpleNamespace(time=lambda: clock[0]))  # only this script's clock
+    out = str(tmp_path / "timed")
+    S1.main(common.load_config(S1.Config, run_args(toy_data, out, max_steps=3, log_every=2, save_every=3,
+                                                   batch_size=2)))
+    S1.main(common.load_config(S1.Config, run_args(toy_data, out, max_steps=6, log_every=2, save_every=3,
+                                                   batch_size=2, resume=True)))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]
+    assert [r["sec_per_step"] for r in rows] == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_with_one_line(toy_data, tmp_path, monkeypatch):
