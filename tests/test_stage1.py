@@ -212,7 +212,8 @@ def test_sec_per_step_is_the_mean_over_the_steps_since_the_last_row(toy_data, tm
                                                    batch_size=2)))
     S1.main(common.load_config(S1.Config, run_args(toy_data, out, max_steps=6, log_every=2, save_every=3,
                                                    batch_size=2, resume=True)))
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [2, 3, 4, 6]
     assert [r["sec_per_step"] for r in rows] == [1.0, 1.0, 1.0, 1.0]
 
