@@ -34,10 +34,17 @@ def run_script(script, args, timeout=600):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def read_metrics(out_dir):
+    """Every row of a run's metrics.jsonl, in order."""
+    import json
+    import os
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def assert_same_run(dir_a, dir_b, num_rows=None):
     """Two runs of the same config ended in the same state: the same last checkpoint, bit-identical weights in
     every safetensors file of it, and identical metrics rows (timings aside; `num_rows` of them if given)."""
-    import json
     import os
 
     from safetensors.torch import load_file
@@ -50,8 +57,7 @@ def assert_same_run(dir_a, dir_b, num_rows=None):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
     def rows(d):
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            return [{k: v for k, v in r.items() if "sec" not in k} for r in map(json.loads, f)]
+        return [{k: v for k, v in r.items() if "sec" not in k} for r in read_metrics(d)]
     rows_a, rows_b = rows(dir_a), rows(dir_b)
     assert rows_a == rows_b, (rows_a, rows_b)
     assert num_rows is None or len(rows_a) == num_rows, f"{len(rows_a)} metrics rows, expected {num_rows}"

@@ -1,5 +1,4 @@
 """Stage 1: the teacher-forcing loss by hand, timestep sampling, FSDP2 on 2 ranks == 1 process, exact resume."""
-import json
 import os
 import shutil
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run
+from helpers import assert_same_run, read_metrics
 from safetensors.torch import load_file
 
 import common
@@ -166,7 +165,7 @@ def test_sample_grid_png_and_toybench_row(toy_data, tmp_path):
     S1.main(common.load_config(S1.Config, run_args(toy_data, out, sample_every=1, sample_steps=2, num_samples=2,
                                                    ema_decay=0.5)))
     assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = read_metrics(out)
     assert any("toybench/total" in r for r in rows)
 
 
@@ -190,7 +189,7 @@ def test_a_non_finite_step_is_skipped_and_logged(toy_data, tmp_path, monkeypatch
         assert all(torch.equal(weights(1, name)[k], weights(2, name)[k]) for k in weights(1, name)), name
         assert any(not torch.equal(weights(2, name)[k], weights(3, name)[k]) for k in weights(2, name)), name
         assert all(torch.isfinite(v).all() for v in weights(3, name).values())
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = read_metrics(out)
     assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 0]
 
 
@@ -212,8 +211,7 @@ def test_sec_per_step_is_the_mean_over_the_steps_since_the_last_row(toy_data, tm
                                                    batch_size=2)))
     S1.main(common.load_config(S1.Config, run_args(toy_data, out, max_steps=6, log_every=2, save_every=3,
                                                    batch_size=2, resume=True)))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [2, 3, 4, 6]
     assert [r["sec_per_step"] for r in rows] == [1.0, 1.0, 1.0, 1.0]
 

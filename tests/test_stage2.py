@@ -1,11 +1,10 @@
 """Stage 2: causal CD (eq. 3-4) by hand, gradient isolation, the ODE baseline vs generate(), toy runs."""
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, sigkill_resume_equals_straight
+from helpers import assert_same_run, read_metrics, sigkill_resume_equals_straight
 
 import common
 import model as M
@@ -157,8 +156,7 @@ def stage2_args(data, teacher, out_dir, **overrides):
 
 
 def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return [r["loss"] for r in read_metrics(out_dir) if "loss" in r]
 
 
 def test_toy_cd_run_lowers_the_cd_loss_and_resumes_exactly(toy_teacher, tmp_path):
@@ -173,8 +171,7 @@ def test_toy_cd_run_lowers_the_cd_loss_and_resumes_exactly(toy_teacher, tmp_path
                                                       resume="true")))
     assert_same_run(straight, resumed, num_rows=1 + 12)  # the step-0 row holds the (here zero) ODE data cost
     # cumulative teacher forwards: cond + uncond for a batch of 2 per step, continued across the resume
-    with open(os.path.join(resumed, "metrics.jsonl")) as f:
-        forwards = [r["teacher_forwards"] for r in map(json.loads, f) if "loss" in r]
+    forwards = [r["teacher_forwards"] for r in read_metrics(resumed) if "loss" in r]
     assert forwards == [2 * 2 * step for step in range(1, 13)], forwards
 
 
@@ -186,8 +183,7 @@ def test_toy_ode_run_stores_trajectories_and_reports_cost(toy_teacher, tmp_path)
     from safetensors.torch import load_file
     shard = load_file(os.path.join(out, "ode_data", "shard_00000.safetensors"))
     assert shard["states"].shape == (8, 3, 12, 12, 16, 16) and shard["latents"].shape == (8, 12, 12, 16, 16)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        first = json.loads(f.readline())
+    first = read_metrics(out)[0]
     assert first["ode/teacher_forwards"] == 2 * 8 * 8  # cond + uncond, 8 steps, 8 clips
     assert first["ode/bytes_written"] == sum(v.numel() * v.element_size() for v in shard.values())
     assert len(losses(out)) == 2

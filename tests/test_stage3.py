@@ -1,11 +1,10 @@
 """Stage 3: self-rollout vs generate(), gradient truncation, the DMD gradient and critic loss by hand, which
 network each update touches, a toy run with exact resume."""
-import json
 import os
 
 import pytest
 import torch
-from helpers import assert_same_run
+from helpers import assert_same_run, read_metrics
 
 import common
 import model as M
@@ -222,8 +221,7 @@ def stage3_args(data, base, out_dir, **overrides):
 
 
 def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [{k: v for k, v in r.items() if k != "sec_per_step"} for r in map(json.loads, f)]
+    return [{k: v for k, v in r.items() if k != "sec_per_step"} for r in read_metrics(out_dir)]
 
 
 def test_toy_dmd_run_trains_both_networks_and_resumes_exactly(toy_base, tmp_path):
