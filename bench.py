@@ -23,15 +23,16 @@ import torch
 
 import common
 import model as M
-import stage2_causal_cd as S2
+import sample
+import stage2_causal_cd as S2  # the CD and ODE losses being costed
 
 
 def bench_stage2(args):
     import encoders
     torch.manual_seed(0)
-    teacher, model_cfg = S2.build_model(args.teacher, args.teacher_use_ema, "teacher")
+    teacher, model_cfg, _, _ = common.load_model(args.teacher, use_ema=args.teacher_use_ema, causal=True, what="teacher")
     teacher.eval().requires_grad_(False)
-    student, _ = S2.build_model(args.teacher, args.teacher_use_ema, "student")
+    student, _, _, _ = common.load_model(args.teacher, use_ema=args.teacher_use_ema, causal=True, what="student")
     ema = common.make_ema(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     text = encoders.load_text_encoder(args.text_encoder)
@@ -79,9 +80,8 @@ def bench_stage2(args):
     trajectory_seconds = timed(ode_trajectory, 1) / B
     ode_seconds = timed(ode_iteration, args.repeats) / B
     with tempfile.TemporaryDirectory() as tmp:  # what the ODE data costs on disk, in the shard format
-        from prepare_data import write_shard
         states = trajectory["states"].half()
-        write_shard(tmp, 0, {"states": states, "latents": x_gt.half()}, dict(prompts=[""] * B, skipped=[]))
+        common.write_shard(tmp, 0, {"states": states, "latents": x_gt.half()}, dict(prompts=[""] * B, skipped=[]))
         bytes_per_clip = os.path.getsize(os.path.join(tmp, "shard_00000.safetensors")) / B
 
     rows = []
@@ -164,8 +164,8 @@ def bench_sampler(args):
             S = model.tokens_per_frame(h, w)
             noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
             context = torch.randn(1, cfg.text_len, cfg.text_dim)
-            steps = M.warp_timesteps(step_list)
-            first = M.warp_timesteps([1000, 750, 500, 250]) if K == 1 else None
+            how = sample.Sampling("few_step", steps=tuple(step_list),
+                                  first_block_steps=tuple(sample.FIRST_BLOCK_STEPS) if K == 1 else None)
             calls, flops, first_block = [0], [0.0], [None]
 
             def count(module, inputs, kwargs, output):
@@ -175,7 +175,7 @@ def bench_sampler(args):
                 n = x.shape[1] * S
                 flops[0] += call_flops(cfg, n, start_frame * S + n, cfg.text_len)
 
-            M.generate(model, noise[:, :K], context, steps=steps)  # warm-up (allocator, kernels)
+            sample.sample_latents(model, how, noise[:, :K], context)  # warm-up (allocator, kernels)
             hook = model.register_forward_hook(count, with_kwargs=True)
             start = time.perf_counter()
 
@@ -183,8 +183,7 @@ def bench_sampler(args):
                 if first_block[0] is None:
                     first_block[0] = time.perf_counter() - start
 
-            M.generate(model, noise, context, steps=steps, first_block_steps=first, on_block=on_block,
-                       generator=torch.Generator().manual_seed(0))
+            sample.sample_latents(model, how, noise, context, on_block=on_block, generator=torch.Generator().manual_seed(0))
             seconds = time.perf_counter() - start
             hook.remove()
             rate = gemm_rate(cfg.dim, cfg.ffn_dim, K * S)
@@ -197,9 +196,10 @@ def bench_sampler(args):
         model = M.CausalWanModel(cfg).eval()
         noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
         context = torch.randn(1, cfg.text_len, cfg.text_dim)
-        steps = M.warp_timesteps([1000, 750, 500, 250])
+        how = sample.Sampling("few_step", steps=tuple(sample.FEW_STEP_LISTS[4]), first_block_steps=None)
+        steps = M.warp_timesteps(how.steps)
         start = time.perf_counter()
-        M.generate(model, noise, context, steps=steps, generator=torch.Generator().manual_seed(0))
+        sample.sample_latents(model, how, noise, context, generator=torch.Generator().manual_seed(0))
         cached = time.perf_counter() - start
         start = time.perf_counter()
         with torch.no_grad():
@@ -254,7 +254,6 @@ def stage3_memory(cfg, world_size):
       one layer live   B·F·S · (12·dim + 2·ffn) · 2 for the critic / CFG real score (2B)
       gathered blocks  2 unsharded bf16 blocks of the largest model (FSDP2 prefetch)
     S = tokens per latent frame = (h/2)(w/2). Attention is assumed memory-efficient (flash / SDPA, no L×L)."""
-    import stage3_asym_dmd as S3  # noqa: F401 (the config class documents the fields used here)
     with torch.device("meta"):
         models = {}
         for role, path in (("generator", cfg.generator), ("real", cfg.real_score), ("fake", cfg.fake_score)):

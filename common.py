@@ -6,9 +6,10 @@ teaches are in that stage's file). Sections:
                 unknown keys and wrong types are errors
   distributed   torchrun setup (nccl on CUDA, gloo on CPU), per-rank seeds, rank-0-only side effects
   FSDP2         fully_shard per block + root, mixed precision, full state dicts
-  checkpoints   atomic checkpoint directories (DESIGN §5) with a `latest` pointer; exact resume
+  checkpoints   atomic checkpoint directories with a `latest` pointer; exact resume; one model loader
   EMA           a trailing copy of the model, updated after every optimizer step
-  data          latent shards in a deterministic, resumable order
+  data          the latent-shard format (written by prepare_data.py and Stage 2's ODE baseline) and a
+                deterministic, resumable order over it
   logging       stdout + JSONL metrics (+ optional wandb), a loss-curve PNG
   media         mp4 and PNG writing
 """
@@ -82,7 +83,7 @@ def _coerce(key, value, annotation):
 
 def load_config(config_cls, argv=None):
     """Build `config_cls` from its defaults, then each `--config FILE.yaml` (deltas only, applied in order),
-    then `--key=value` overrides. Unknown keys, wrong types and malformed arguments raise ConfigError."""
+    then `--key=value` (or `--key value`) overrides. Unknown keys, wrong types and malformed arguments raise ConfigError."""
     argv = sys.argv[1:] if argv is None else list(argv)
     hints = typing.get_type_hints(config_cls)
     known = {f.name for f in fields(config_cls)}
@@ -112,20 +113,19 @@ def load_config(config_cls, argv=None):
             for key, value in delta.items():
                 apply(path, key, value)
             continue
-        if not (arg.startswith("--") and "=" in arg):
-            raise ConfigError(f"cannot parse argument {arg!r}; use --config FILE.yaml and --key=value")
-        key, value = arg[2:].split("=", 1)
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"cannot parse argument {arg!r}; use --config FILE.yaml and --key=value (or --key value)")
+        if "=" in arg:  # --key=value
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:  # --key value, as argparse users type it
+            key = arg[2:]
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} has no value; write --{key}=VALUE or --{key} VALUE")
+            value = argv[i + 1]
+            i += 2
         apply("the command line", key, value)
-        i += 1
     return config_cls(**values)
-
-
-def cli_config(config_cls):
-    """load_config for a script's __main__: a bad key or value ends the run with one line, no traceback."""
-    try:
-        return load_config(config_cls)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
 
 
 def format_config(cfg):
@@ -182,15 +182,10 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def rank_generator(seed, rank, device="cpu"):
-    """A torch.Generator seeded from the config seed and the rank (every rank draws different noise)."""
-    return torch.Generator(device=device).manual_seed(seed * 1000003 + rank)
-
-
 # -----------------------------------------------------------------------------
 # FSDP2: shard each transformer block and the root
 #
-# Under torchrun every model is wrapped with fully_shard (DESIGN §7): blocks one by one, then the root. On
+# Under torchrun every model is wrapped with fully_shard: blocks one by one, then the root. On
 # CUDA with mixed_precision the parameters are gathered in bf16 and gradients reduced in fp32; the time
 # embedding MLPs and the head keep fp32 parameters, as the original Wan computes them in fp32. Forward inputs
 # are never cast by FSDP (cast_forward_inputs=False): timesteps must stay fp32 and the model casts its own
@@ -258,9 +253,62 @@ def clip_grad_norm(model, max_norm):
 
 
 # -----------------------------------------------------------------------------
-# data: latent shards (prepare_data.py) in a deterministic, resumable order
+# data: the latent-shard format, in one place
 #
-# Sample counter j (counted over the whole run) maps to epoch j // N and item perm_epoch[j % N], with
+# A shard is two files: shard_00000.safetensors (tensor "latents" [N, F, C, h, w], float16, in the codec's
+# normalised latent space; Stage 2's ODE baseline adds "states") and shard_00000.json ({"prompts": [N strings],
+# per-sample metadata, "skipped": [...], "settings": {...}}). Both are written to temporary names and renamed,
+# the JSON last, so a shard exists exactly when its JSON does: an interrupted writer never leaves a half-written
+# shard that looks finished.
+
+
+def shard_paths(out_dir, index):
+    from pathlib import Path
+    return Path(out_dir) / f"shard_{index:05d}.safetensors", Path(out_dir) / f"shard_{index:05d}.json"
+
+
+def _atomic_write(path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(out_dir, index, latents, record):
+    """latents [N, F, C, h, w] (N may be 0: then only the JSON is written, recording what was skipped), or a
+    dict of tensors with N rows each that includes "latents" (the Stage-2 ODE trajectories add "states")."""
+    from safetensors.torch import save_file
+    tensors = latents if isinstance(latents, dict) else {"latents": latents}
+    count = tensors["latents"].shape[0]
+    tensor_path, json_path = shard_paths(out_dir, index)
+    assert len(record["prompts"]) == count, f"{count} latents but {len(record['prompts'])} prompts"
+    assert all(v.shape[0] == count for v in tensors.values()), "every shard tensor needs one row per clip"
+    if count > 0:
+        _atomic_write(tensor_path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+    _atomic_write(json_path, lambda p: p.write_text(json.dumps(record, ensure_ascii=False, indent=1)))  # last: the marker
+
+
+def list_shards(data_dir):
+    """Finished, non-empty shards, in order (a shard is finished when its JSON exists)."""
+    from pathlib import Path
+    return [p.with_suffix(".safetensors") for p in sorted(Path(data_dir).glob("shard_*.json"))
+            if p.with_suffix(".safetensors").exists()]
+
+
+def load_shard(path):
+    """-> latents [N, F, C, h, w] float32, prompts [N]."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    path = Path(path)
+    latents = load_file(str(path))["latents"].float()
+    prompts = json.loads(path.with_suffix(".json").read_text())["prompts"]
+    assert latents.shape[0] == len(prompts), f"{path}: {latents.shape[0]} latents but {len(prompts)} prompts"
+    return latents, prompts
+
+
+# The order. Sample counter j (counted over the whole run) maps to epoch j // N and item perm_epoch[j % N], with
 # perm_epoch a permutation seeded by (seed, epoch). Global micro-batch k holds counters [k·G, (k+1)·G) with
 # G = world_size · batch_size, and rank r takes its contiguous slice. The whole data position is therefore
 # one integer, and a run on 2 ranks sees exactly the samples of a 1-rank run with twice the batch.
@@ -270,7 +318,6 @@ class LatentShards:
     """All finished shards of a directory, read lazily row by row (safetensors memory map)."""
 
     def __init__(self, data_dir, tensor="latents"):
-        from prepare_data import list_shards
         self.tensor = tensor
         self.paths = list_shards(data_dir)
         if not self.paths:
@@ -329,7 +376,7 @@ def sample_generator(seed, counter, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: atomic directories with a `latest` pointer (DESIGN §5)
+# checkpoints: atomic directories with a `latest` pointer
 #
 #   out_dir/step_000100/  model.safetensors  ema.safetensors  critic.safetensors  state.pt  config.json
 #   out_dir/latest        text file naming the newest complete directory
@@ -399,6 +446,76 @@ def save_checkpoint(out_dir, step, weights, state, config):
 def resolve_checkpoint(path):
     """A run directory (with a `latest` pointer) -> its newest checkpoint; anything else is returned as is."""
     return latest_checkpoint(path) if os.path.isfile(os.path.join(path, "latest")) else path
+
+
+# ---- one loader: checkpoint -> model (stages, sample.py, toy_eval.py, vbench_eval.py, bench.py) ----
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not fit; the message is one line saying which and what to run."""
+
+
+def how_to_make(path):
+    """'make it with: python SCRIPT --config CONFIG' for the config under configs/ whose out_dir is `path`
+    (the script is read off the config's keys), or None when no config writes there."""
+    import glob
+
+    import yaml
+    here = os.path.dirname(os.path.abspath(__file__))
+    world = os.environ.get("WORLD_SIZE")
+    launcher = f"torchrun --nproc_per_node={world}" if world else "python"
+    for config in sorted(glob.glob(os.path.join(here, "configs", "**", "*.yaml"), recursive=True)):
+        with open(config) as f:
+            delta = yaml.safe_load(f) or {}
+        if isinstance(delta, dict) and os.path.normpath(str(delta.get("out_dir", ""))) == os.path.normpath(path):
+            script = ("stage3_asym_dmd.py" if "generator" in delta or "real_score" in delta else
+                      "stage2_causal_cd.py" if "teacher" in delta or "method" in delta else "stage1_teacher_forcing.py")
+            return f"make it with: {launcher} {script} --config {os.path.relpath(config, here)}"
+    return None
+
+
+def load_model(path, *, use_ema=False, preset=None, causal=None, frames_per_block=None, what="checkpoint"):
+    """Any checkpoint -> (CausalWanModel, WanConfig, format, resolved path), strictly (model.load_weights).
+    path: our run directory (its latest checkpoint) or checkpoint directory, a Wan or diffusers folder, or an
+    official Causal-Forcing .pt, whose architecture comes from `preset` (a preset name or a Wan folder; the .pt
+    carries no config.json).
+    causal / frames_per_block set the attention the model runs with (None keeps the stored one). Every
+    problem is one CheckpointError line; a missing run names the command that makes it."""
+    import model as M
+    if not os.path.exists(path):
+        hint = how_to_make(path)
+        raise CheckpointError(f"{what} {path!r} not found" + (f"; {hint}" if hint else ""))
+    path = resolve_checkpoint(path) if os.path.isdir(path) else path
+    model_cfg = M.config_from_checkpoint(path)
+    if model_cfg is None:
+        if not preset:
+            raise CheckpointError(f"{what} {path} has no config.json (an official .pt carries no architecture); "
+                                  f"name it with model_preset: one of {sorted(M.PRESETS)} or a Wan folder")
+        if preset in M.PRESETS:
+            model_cfg = M.WanConfig.from_preset(preset)
+        elif os.path.isdir(preset) and M.config_from_checkpoint(preset) is not None:
+            model_cfg = M.config_from_checkpoint(preset)
+        else:
+            raise CheckpointError(f"model_preset {preset!r} is neither one of {sorted(M.PRESETS)} nor a folder "
+                                  f"with a Wan config.json")
+    if causal is not None:
+        model_cfg.causal = causal
+    if frames_per_block is not None:
+        model_cfg.frames_per_block = frames_per_block
+    model = M.CausalWanModel(model_cfg)
+    try:
+        fmt = M.load_weights(model, path, use_ema=use_ema)
+    except (M.WeightLoadError, ValueError) as err:
+        raise CheckpointError(f"{what}: {str(err).splitlines()[0]}") from None
+    return model, model_cfg, fmt, path
+
+
+def run_main(main, config_cls, script):
+    """A stage's __main__: a bad config, a missing/unfit checkpoint or missing data ends the run with one line."""
+    try:
+        main(load_config(config_cls))
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:  # missing data/prompts: one line too
+        raise SystemExit(f"{script}: error: {err}") from None
 
 
 def resume_point(out_dir, resume):
@@ -657,27 +774,6 @@ def mean_across_ranks(value, dist_ctx):
     tensor = torch.tensor(value, device=dist_ctx.device)
     dist.all_reduce(tensor)
     return tensor.item() / dist_ctx.world_size
-
-
-def preview_prompts(configured, num, text_encoder, prompts):
-    """Prompts of a run's periodic sample grid: the configured ones, else held-out toy prompts, else the
-    first of the run's own prompts."""
-    if configured:
-        return list(configured)
-    if text_encoder == "toy":
-        import toyworld
-        return toyworld.heldout_prompts()[:num]
-    return list(prompts[:num])
-
-
-def log_toybench(log, step, videos, prompts, write=print):
-    """Score a toy sample grid with ToyBench and log total/quality/semantic (toy runs only)."""
-    import toyworld
-    scores = toyworld.score(videos, prompts)
-    log.log(step, **{f"toybench/{k}": scores[k] for k in ("total", "quality", "semantic")})
-    write(f"step {step}: ToyBench total {scores['total']:.3f} quality {scores['quality']:.3f} "
-          f"semantic {scores['semantic']:.3f}")
-    return scores
 
 
 def plot_curves(rows, keys, path):

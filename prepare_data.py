@@ -1,5 +1,5 @@
 """
-Videos + captions -> latent shards, the training data of every stage (DESIGN.md §5).
+Videos + captions -> latent shards, the training data of every stage.
 
 A shard is two files in the output directory:
   shard_00000.safetensors   tensor "latents" [N, F, C, h, w], float16 (normalised latent space of the codec)
@@ -17,50 +17,24 @@ Real videos:  python prepare_data.py --videos DIR --captions captions.csv --out 
   skipped, reported and counted; they never stop the run.
 Toy world:    python prepare_data.py --toy 2048 --out data/toy [--seed 0]
   Renders toyworld clips (never a held-out combination) and stores their pixel-codec latents.
-Readers for the stage scripts: list_shards(dir), load_shard(path) -> (latents float32, prompts).
+The format (writer and readers) lives in common.py: write_shard, list_shards, load_shard, LatentShards.
 """
 
 import argparse
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from common import list_shards, load_shard, shard_paths, write_shard  # noqa: F401 (the shard format)
+
 # -----------------------------------------------------------------------------
-# ---- shard files ----
-
-def shard_paths(out_dir, index):
-    out_dir = Path(out_dir)
-    return out_dir / f"shard_{index:05d}.safetensors", out_dir / f"shard_{index:05d}.json"
-
-
-def _atomic_write(path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_shard(out_dir, index, latents, record):
-    """latents [N, F, C, h, w] (N may be 0: then only the JSON is written, recording what was skipped), or a
-    dict of tensors with N rows each that includes "latents" (the Stage-2 ODE trajectories add "states")."""
-    tensors = latents if isinstance(latents, dict) else {"latents": latents}
-    count = tensors["latents"].shape[0]
-    tensor_path, json_path = shard_paths(out_dir, index)
-    assert len(record["prompts"]) == count, f"{count} latents but {len(record['prompts'])} prompts"
-    assert all(v.shape[0] == count for v in tensors.values()), "every shard tensor needs one row per clip"
-    if count > 0:
-        _atomic_write(tensor_path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
-    _atomic_write(json_path, lambda p: p.write_text(json.dumps(record, ensure_ascii=False, indent=1)))   # last: the marker
-
+# ---- shard files (the format itself lives in common.py) ----
 
 def _shard_done(out_dir, index, settings):
     """True if shard `index` was finished by an earlier run with the same settings (a mismatch is an error:
@@ -71,25 +45,6 @@ def _shard_done(out_dir, index, settings):
     record = json.loads(json_path.read_text())
     assert record["settings"] == settings, f"{json_path} was written with {record['settings']}, this run uses {settings}"
     return record
-
-
-def list_shards(data_dir):
-    """Finished, non-empty shards, in order (a shard is finished when its JSON exists)."""
-    shards = []
-    for json_path in sorted(Path(data_dir).glob("shard_*.json")):
-        tensor_path = json_path.with_suffix(".safetensors")
-        if tensor_path.exists():
-            shards.append(tensor_path)
-    return shards
-
-
-def load_shard(path):
-    """-> latents [N, F, C, h, w] float32, prompts [N]."""
-    path = Path(path)
-    latents = load_file(str(path))["latents"].float()
-    prompts = json.loads(path.with_suffix(".json").read_text())["prompts"]
-    assert latents.shape[0] == len(prompts), f"{path}: {latents.shape[0]} latents but {len(prompts)} prompts"
-    return latents, prompts
 
 
 # -----------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """
-Sample videos from a frame-wise autoregressive generator (paper §2.2 inference; method_spec §7).
+Sample videos from any checkpoint of this repo, the one sampling path (paper §2.2 inference).
 
-A few-step student (Stage 2 or 3) generates block by block with its KV cache: every block with the 1/2/4-step
-list, the first block of a video from nothing with the 4-step list (the ASD trick), re-noising with fresh noise
-between steps, then a clean context pass that writes the block into the cache. A multi-step AR-diffusion
-model (Stage 1) is sampled the same way with Euler steps and CFG (`--sample_steps`, `--cfg`).
+What a checkpoint is decides how it is sampled (`load_for_inference` reads it off the checkpoint):
+  few-step student (Stage 2 / 3)   block by block with the KV cache: every block with the 1/2/4-step list, the
+                                   first block of a video with the 4-step list (the ASD trick), fresh noise
+                                   between steps, then a clean context pass that writes the block into the cache
+  Stage-1 AR diffusion model       the same block-by-block rollout with Euler steps and CFG (`--sample_steps`)
+  bidirectional (toy base, Wan)    the whole clip at once, Euler steps with CFG; a frame-wise few-step rollout
+                                   of it is refused (it was never trained to generate causally)
+`sample_latents` is the sampler the stage preview grids, toy_eval.py, vbench_eval.py and bench.py call too.
 
   python sample.py --prompt "a red circle moves left quickly"                      # the shipped toy 2-step model
   python sample.py --prompt "..." --steps 1 --stream                               # 1 step per frame, streamed
   python sample.py --ckpt runs/dmd --prompt "..." --wan_dir wan_models/Wan2.1-T2V-1.3B         # ours, Wan scale
   python sample.py --ckpt causal_forcing_pp_framewise.pt --use_ema --wan_dir wan_models/Wan2.1-T2V-1.3B --prompt "..."
   python sample.py --image first_frame.png --prompt "..."                          # I2V: the image is frame 0
-  python sample.py --ckpt runs/toy/tf --use_ema --sample_steps 40 --cfg 3 --prompt "..."   # Stage-1 AR diffusion
+  python sample.py --ckpt runs/toy/tf --use_ema --prompt "..."                     # Stage-1 AR diffusion, 40 steps
+  python sample.py --ckpt checkpoints/toy/base --prompt "..."                      # the bidirectional toy base
 
 Writes OUT/<prompt>-<seed>.mp4 and a PNG contact sheet per prompt; prints first-frame latency and frames/s
 with and without decoding. With --stream each block is decoded as soon as it exists (streaming VAE decode)
@@ -19,6 +24,7 @@ and appended to the mp4 — what an interactive application would show.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -30,7 +36,9 @@ import common
 import model as M
 
 DEFAULT_CKPT = "checkpoints/toy/dmd_2step"
-FEW_STEP_LISTS = {1: [1000], 2: [1000, 500], 4: [1000, 750, 500, 250]}
+FEW_STEP_LISTS = {1: [1000], 2: [1000, 500], 4: [1000, 750, 500, 250]}  # nominal; warped with the shift on use
+FIRST_BLOCK_STEPS = FEW_STEP_LISTS[4]  # ASD: the first block of a 1/2-step model takes 4 steps (paper §3.3)
+STUDENT_STAGES = ("stage2_cd", "stage2_ode", "stage3_dmd")
 
 
 class SampleError(Exception):
@@ -38,50 +46,212 @@ class SampleError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# checkpoint -> model, text encoder, codec
+# how to sample: one set of defaults
 
 
-def load_generator(args):
-    """-> (model, info) where info holds the stage, text encoder / codec names and the default video size."""
-    path = args.ckpt
+@dataclasses.dataclass
+class Sampling:
+    """How a model is sampled. The defaults are the paper's inference settings: 2 steps per frame, 4 for the
+    first frame, shift 5; multi-step models 40 Euler steps with CFG u + w(c − u), w = 3."""
+    mode: str = "few_step"                           # "few_step" (students) or "multi_step" (Euler + CFG)
+    steps: tuple = tuple(FEW_STEP_LISTS[2])          # few-step: nominal list of every block
+    first_block_steps: tuple | None = tuple(FIRST_BLOCK_STEPS)  # few-step: the first block's list; None = steps
+    sample_steps: int = 40                           # multi-step: Euler steps on the shifted grid
+    cfg: float = 3.0                                 # multi-step: CFG weight w
+    shift: float = 5.0                               # timestep shift of every list
+    context_t: float = 0.0                           # t of the context pass that writes a block into the cache
+
+    def __post_init__(self):
+        assert self.mode in ("few_step", "multi_step"), f"mode must be few_step or multi_step, got {self.mode!r}"
+
+    def describe(self):
+        if self.mode == "multi_step":
+            return f"{self.sample_steps}-step Euler, CFG {self.cfg:g}"
+        first = f", first block {','.join(f'{s:g}' for s in self.first_block_steps)}" if self.first_block_steps else ""
+        return f"{len(self.steps)}-step{first}"
+
+
+@torch.no_grad()
+def sample_latents(model, how, noise, context, uncond_context=None, *, prefix=None, generator=None, on_block=None):
+    """The one sampler. noise [B, F, C, H, W] -> latents [B, F, C, H, W] (without the prefix).
+    A causal model is rolled out block by block with the KV cache (model.generate); a bidirectional one is
+    denoised as a whole clip (model.generate_bidirectional). uncond_context: the negative prompt's embedding
+    [B, Lt, E] (multi-step CFG); prefix: clean latents written into the cache first (I2V); generator: the
+    few-step re-noising; on_block(block, start_frame, x0) after every block (streaming, timing)."""
+    if how.mode == "few_step":
+        assert model.cfg.causal, "a few-step rollout needs a causal model"
+        return M.generate(model, noise, context, steps=M.warp_timesteps(how.steps, how.shift),
+                          first_block_steps=M.warp_timesteps(how.first_block_steps, how.shift)
+                          if how.first_block_steps else None,
+                          context_t=how.context_t, prefix=prefix, generator=generator, on_block=on_block)
+    steps = M.timestep_grid(how.sample_steps, how.shift).tolist()
+    if model.cfg.causal:
+        return M.generate(model, noise, context, steps=steps, sampler="euler", uncond_context=uncond_context,
+                          guidance_scale=how.cfg, prefix=prefix, on_block=on_block)
+    assert prefix is None, "a bidirectional model takes no clean prefix"
+    latents = M.generate_bidirectional(model, noise, context, steps=steps, uncond_context=uncond_context,
+                                       guidance_scale=how.cfg)
+    if on_block is not None:
+        on_block(0, 0, latents)
+    return latents
+
+
+# -----------------------------------------------------------------------------
+# the one inference loader: checkpoint -> model, what it is, its text encoder and codec
+
+
+def checkpoint_kind(stage, fmt, use_ema, causal):
+    """'few_step', 'ar_diffusion', 'bidirectional', or None when the checkpoint does not say (an official .pt
+    loaded without --use_ema, where the Stage-1 model and early students look alike; a causal state dict)."""
+    if stage in STUDENT_STAGES:
+        return "few_step"
+    if stage == "stage1":
+        return "ar_diffusion" if causal else "bidirectional"
+    if fmt in ("wan", "wan-sharded", "diffusers") or (fmt == "ours" and not causal):  # Wan2.1 itself, a base
+        return "bidirectional"
+    if fmt == "official-pt" and use_ema:  # only the distilled students keep EMA weights (official Stage 1 has none)
+        return "few_step"
+    return None
+
+
+def load_for_inference(path, *, use_ema=False, wan_dir=None, frames_per_block=None):
+    """-> (model in eval mode, info). info: path, format, stage, kind (checkpoint_kind), text_encoder and codec
+    (names for encoders.py) and num_frames (the trained length, or None). An official .pt takes its
+    architecture, text encoder and VAE from the Wan folder `wan_dir` ('toy': the toy world's)."""
     if not os.path.exists(path):
         raise SampleError(f"checkpoint {path!r} not found (train one, or pass --ckpt; the toy models live in "
                           f"checkpoints/toy/)")
-    path = common.resolve_checkpoint(path) if os.path.isdir(path) else path
-    info = dict(stage=None, text_encoder=None, codec=None, num_frames=None)
-    config_path = os.path.join(path, "config.json") if os.path.isdir(path) else None
-    if config_path and os.path.isfile(config_path):
-        with open(config_path) as f:
+    resolved = common.resolve_checkpoint(path) if os.path.isdir(path) else path
+    stored = {}
+    if os.path.isdir(resolved) and os.path.isfile(os.path.join(resolved, "config.json")):
+        with open(os.path.join(resolved, "config.json")) as f:
             stored = json.load(f)
-        run = stored.get("run_config") or {}
-        info.update(stage=stored.get("stage"), text_encoder=run.get("text_encoder"), codec=run.get("codec"),
-                    num_frames=run.get("num_frames"))
-    model_cfg = M.config_from_checkpoint(path)
-    if model_cfg is None:  # an official .pt carries no architecture: take it from the Wan folder
-        if not args.wan_dir:
-            raise SampleError(f"{path} has no config.json; pass --wan_dir (the Wan2.1 folder it was trained from)")
-        model_cfg = M.config_from_checkpoint(args.wan_dir)
-        if model_cfg is None:
-            raise SampleError(f"--wan_dir {args.wan_dir!r} holds no Wan config.json")
-        info["stage"] = "official"
-    if args.frames_per_block is not None:
-        model_cfg.frames_per_block = args.frames_per_block
-    multi_step = args.sample_steps is not None or info["stage"] == "stage1"
-    if not multi_step:  # few-step sampling is always autoregressive; multi-step keeps the checkpoint's attention
-        model_cfg.causal = True
-    model = M.CausalWanModel(model_cfg)
+    run = stored.get("run_config") or {}
+    if M.config_from_checkpoint(resolved) is None and not wan_dir:  # an official .pt
+        raise SampleError(f"{resolved} has no config.json; pass --wan_dir (the Wan2.1 folder it was trained from)")
     try:
-        fmt = M.load_weights(model, path, use_ema=args.use_ema)
-    except (M.WeightLoadError, FileNotFoundError, ValueError) as e:
-        raise SampleError(str(e).splitlines()[0]) from None
-    info["format"], info["multi_step"], info["path"] = fmt, multi_step, path
+        model, model_cfg, fmt, resolved = common.load_model(resolved, use_ema=use_ema, preset=wan_dir,
+                                                            frames_per_block=frames_per_block)
+    except common.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    stage = stored.get("stage") or ("official" if fmt == "official-pt" else None)
+    kind = checkpoint_kind(stored.get("stage"), fmt, use_ema, model_cfg.causal)
+    if kind is not None:  # unknown: keep the stored attention
+        model_cfg.causal = kind != "bidirectional"
+    info = dict(path=resolved, format=fmt, stage=stage, kind=kind, text_encoder=run.get("text_encoder"),
+                codec=run.get("codec"), num_frames=run.get("num_frames"))
     if info["text_encoder"] is None:  # Wan/official checkpoints: umT5 and the VAE from the Wan folder
-        if not args.wan_dir:
-            raise SampleError(f"{path} does not name its text encoder; pass --wan_dir")
-        info["text_encoder"] = info["codec"] = args.wan_dir
-    elif args.wan_dir and info["text_encoder"] != "toy":
-        info["text_encoder"] = info["codec"] = args.wan_dir
-    return model, info
+        if not wan_dir:
+            raise SampleError(f"{resolved} does not name its text encoder; pass --wan_dir")
+        info["text_encoder"] = info["codec"] = wan_dir
+    elif wan_dir and info["text_encoder"] != "toy":
+        info["text_encoder"] = info["codec"] = wan_dir
+    return model.eval(), info
+
+
+def choose_sampling(info, steps=None, sample_steps=None, first_frame_steps="default", cfg=3.0, shift=5.0):
+    """The Sampling for this checkpoint: its kind's default, or what was asked for if that is a valid way to
+    sample it. steps: 1/2/4 (few-step); sample_steps: Euler steps (multi-step); first_frame_steps: 'default'
+    (the ASD 4-step list), 'none' (the same list as every block) or a comma list of nominal timesteps."""
+    kind, what = info["kind"], f"{info['path']} ({info['stage'] or info['format']})"
+    if steps is not None and sample_steps is not None:
+        raise SampleError("pass --steps (few-step rollout) or --sample_steps (multi-step Euler), not both")
+    if steps is None and sample_steps is None:
+        if kind is None:
+            raise SampleError(f"{what} does not say whether it is a few-step student or the Stage-1 AR diffusion "
+                              f"model: pass --steps 2 (student) or --sample_steps 40 (Stage 1)")
+        if kind == "few_step":
+            steps = 2
+    if steps is not None:
+        if kind == "bidirectional":
+            raise SampleError(f"{what} is a bidirectional model: it denoises the whole clip at once; sample it with "
+                              f"--sample_steps N (a frame-wise --steps rollout needs a Stage-2/3 student)")
+        if steps not in FEW_STEP_LISTS:
+            raise SampleError(f"--steps must be one of {sorted(FEW_STEP_LISTS)}, got {steps}")
+        if first_frame_steps == "default":
+            first = FIRST_BLOCK_STEPS
+        elif first_frame_steps == "none":
+            first = None
+        else:
+            try:
+                first = [float(s) for s in first_frame_steps.split(",")]
+            except ValueError:
+                raise SampleError(f"--first_frame_steps {first_frame_steps!r} is not a comma list of timesteps") from None
+        return Sampling("few_step", steps=tuple(FEW_STEP_LISTS[steps]), first_block_steps=first and tuple(first),
+                        shift=shift)
+    return Sampling("multi_step", sample_steps=sample_steps or Sampling.sample_steps, cfg=cfg, shift=shift)
+
+
+def video_size(model, info, num_frames=None, height=None, width=None, prefix_frames=0):
+    """-> (height, width, latent frames, fps, upscale) of the videos to make: the checkpoint's trained length
+    and the toy or Wan size unless given; one SampleError line if they do not fit the model."""
+    cfg = model.cfg
+    if info["text_encoder"] == "toy":
+        import toyworld
+        default = (toyworld.TOY_SIZE, toyworld.TOY_SIZE, toyworld.TOY_FRAMES, 8, 8)
+    else:
+        default = (480, 832, 21, 16, 1)  # Wan2.1 T2V: 81 frames = 21 latent frames at 16 fps
+    height, width = height or default[0], width or default[1]
+    if num_frames is not None and num_frames < 1:
+        raise SampleError(f"--num_frames must be >= 1, got {num_frames}")
+    num_frames = num_frames or info["num_frames"] or default[2]
+    K = cfg.frames_per_block
+    if num_frames % K:
+        raise SampleError(f"--num_frames {num_frames} is not a whole number of {K}-frame blocks")
+    if prefix_frames + num_frames > cfg.rope_max_positions:
+        raise SampleError(f"{prefix_frames + num_frames} latent frames exceed the model's RoPE/cache range of "
+                          f"{cfg.rope_max_positions}")
+    return height, width, num_frames, default[3], default[4]
+
+
+def check_toy_prompts(prompts):
+    import toyworld
+    for prompt in prompts:
+        try:
+            toyworld.tokenize([prompt])
+        except AssertionError as e:
+            raise SampleError(f"{e} (toy prompts look like 'a red circle moves left quickly')") from None
+
+
+# -----------------------------------------------------------------------------
+# the preview grid of a training run (every stage calls this)
+
+
+def preview_prompts(configured, num, text_encoder, prompts):
+    """Prompts of a run's periodic sample grid: the configured ones, else held-out toy prompts, else the
+    first of the run's own prompts."""
+    if configured:
+        return list(configured)
+    if text_encoder == "toy":
+        import toyworld
+        return toyworld.heldout_prompts()[:num]
+    return list(prompts[:num])
+
+
+@torch.no_grad()
+def preview_grid(model, how, text, codec, prompts, shape, seed, path, toybench_log=None, step=None, write=print):
+    """Sample one video per prompt (shape = [F, C, H, W] of the latents), write them as a PNG grid to `path`
+    (None: this rank writes nothing) and, given a MetricsLog as toybench_log (toy runs), log their ToyBench."""
+    device = next(model.parameters()).device
+    B = len(prompts)
+    noise = torch.randn((B, *shape), generator=torch.Generator().manual_seed(seed + 12345)).to(device)
+    context = text.encode(prompts).to(device)
+    uncond = text.encode([text.negative_prompt] * B).to(device) if how.mode == "multi_step" else None
+    was_training = model.training
+    model.eval()
+    latents = sample_latents(model, how, noise, context, uncond,
+                             generator=torch.Generator(device=device).manual_seed(seed))
+    model.train(was_training)
+    videos = codec.decode(latents.float().cpu())  # [B, T, 3, H, W] in [-1, 1]
+    if path is not None:
+        common.save_png_grid(videos, path, scale=2)
+        if toybench_log is not None:
+            import toyworld
+            scores = toyworld.score(videos, prompts)
+            toybench_log.log(step, **{f"toybench/{k}": scores[k] for k in ("total", "quality", "semantic")})
+            write(f"step {step}: ToyBench total {scores['total']:.3f} quality {scores['quality']:.3f} "
+                  f"semantic {scores['semantic']:.3f}")
+    return videos
 
 
 def read_prompts(args):
@@ -128,18 +298,19 @@ def slug(prompt, limit=80):
 # one video
 
 
-def sample_one(model, info, text, codec, codec_device, prompt, args, shape, prefix=None, writer=None):
+def sample_one(model, how, text, codec, codec_device, prompt, seed, shape, prefix=None, writer=None, quiet=False):
     """Generate and decode one video. shape = (F, C, h, w) of the generated latents. With a writer (stream mode)
     every block is decoded and written as soon as it exists. Returns (video [T, 3, H, W], timings)."""
     from tqdm import tqdm
     device = next(model.parameters()).device
     F_, C, h, w = shape
-    noise = torch.randn((1, F_, C, h, w), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    noise = torch.randn((1, F_, C, h, w), generator=torch.Generator().manual_seed(seed)).to(device)
     context = text.encode([prompt]).to(device)
+    uncond = text.encode([text.negative_prompt]).to(device) if how.mode == "multi_step" else None
     decoder = codec.stream_decoder() if writer is not None else None
     timings = dict(first_block=None, decode=0.0)
     decoded = []
-    progress = tqdm(total=F_, desc=prompt[:40], unit="frame", disable=args.quiet)
+    progress = tqdm(total=F_, desc=prompt[:40], unit="frame", disable=quiet)
 
     def sync():
         if device.type == "cuda":
@@ -164,24 +335,8 @@ def sample_one(model, info, text, codec, codec_device, prompt, args, shape, pref
             emit(x0)
         progress.update(x0.shape[1])
 
-    with torch.no_grad():
-        if info["multi_step"]:
-            steps = M.timestep_grid(args.sample_steps or 40, args.shift).tolist()
-            uncond = text.encode([text.negative_prompt]).to(device)
-            if model.cfg.causal:
-                latents = M.generate(model, noise, context, steps=steps, sampler="euler", uncond_context=uncond,
-                                     guidance_scale=args.cfg, prefix=prefix, on_block=on_block)
-            else:  # a bidirectional model (the toy base): the whole clip at once
-                latents = M.generate_bidirectional(model, noise, context, steps=steps, uncond_context=uncond,
-                                                   guidance_scale=args.cfg)
-                on_block(0, 0, latents)
-        else:
-            first = None if args.first_frame_steps == "none" else \
-                M.warp_timesteps([float(s) for s in args.first_frame_steps.split(",")], args.shift)
-            latents = M.generate(model, noise, context, steps=M.warp_timesteps(FEW_STEP_LISTS[args.steps], args.shift),
-                                 first_block_steps=first, prefix=prefix,
-                                 generator=torch.Generator(device=device).manual_seed(args.seed + 1),
-                                 on_block=on_block)
+    latents = sample_latents(model, how, noise, context, uncond, prefix=prefix, on_block=on_block,
+                             generator=torch.Generator(device=device).manual_seed(seed + 1))
     sync()
     timings["generate"] = time.time() - start - timings["decode"]
     progress.close()
@@ -234,16 +389,19 @@ def parse_args(argv=None):
                    "official Causal-Forcing .pt (with --wan_dir)")
     p.add_argument("--use_ema", action="store_true", help="the EMA weights (training checkpoints, official .pt)")
     p.add_argument("--wan_dir", help="Wan2.1 folder: text encoder and VAE (and the architecture for a .pt)")
-    p.add_argument("--steps", type=int, choices=[1, 2, 4], default=2, help="denoising steps per frame")
-    p.add_argument("--first_frame_steps", default="1000,750,500,250",
-                   help="nominal list of the first frame (ASD); 'none' = the same list as every frame")
+    p.add_argument("--steps", type=int, choices=[1, 2, 4], help="few-step rollout: denoising steps per frame "
+                   "(students: default 2)")
+    p.add_argument("--first_frame_steps", default="default",
+                   help="nominal list of the first frame (default: the ASD list 1000,750,500,250); 'none' = the "
+                   "same list as every frame")
     p.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
     p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length)")
     p.add_argument("--height", type=int, help="video height in pixels (Wan default 480)")
     p.add_argument("--width", type=int, help="video width in pixels (Wan default 832)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="I2V: this image is the first frame (clean context); frame-wise models only")
-    p.add_argument("--sample_steps", type=int, help="multi-step Euler sampling (Stage-1 AR diffusion models)")
+    p.add_argument("--sample_steps", type=int, help="multi-step Euler sampling (Stage-1 AR diffusion and "
+                   "bidirectional models: default 40)")
     p.add_argument("--cfg", type=float, default=3.0, help="CFG weight of multi-step sampling")
     p.add_argument("--shift", type=float, default=5.0, help="timestep shift of the step lists")
     p.add_argument("--out", default="samples", help="output directory")
@@ -260,8 +418,6 @@ def main(argv=None):
     """Returns {prompt: video [T, 3, H, W]} (for tests); raises SampleError on bad input before writing."""
     args = parse_args(argv)
     prompts = read_prompts(args)
-    if args.num_frames is not None and args.num_frames < 1:
-        raise SampleError(f"--num_frames must be >= 1, got {args.num_frames}")
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
     existing = os.path.abspath(args.out)
@@ -269,38 +425,22 @@ def main(argv=None):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise SampleError(f"cannot write to --out {args.out!r} ({existing} is not a writable directory)")
-    model, info = load_generator(args)
+    model, info = load_for_inference(args.ckpt, use_ema=args.use_ema, wan_dir=args.wan_dir,
+                                     frames_per_block=args.frames_per_block)
+    how = choose_sampling(info, args.steps, args.sample_steps, args.first_frame_steps, args.cfg, args.shift)
     cfg = model.cfg
     toy = info["text_encoder"] == "toy"
-
-    # video size
-    import encoders
-    if toy:
-        import toyworld
-        height = width = toyworld.TOY_SIZE
-        default_frames, fps, scale = toyworld.TOY_FRAMES, 8, 8
-    else:
-        height, width, default_frames, fps, scale = 480, 832, 21, 16, 1
-    height, width = args.height or height, args.width or width
-    num_frames = args.num_frames or info["num_frames"] or default_frames
-    fps, scale = args.fps or fps, args.scale or scale
     K = cfg.frames_per_block
-    prefix_frames = 1 if args.image else 0
     if args.score and (not toy or args.image):
         raise SampleError("--score is ToyBench: toy text-to-video only")
-    if args.image and K != 1:
-        raise SampleError(f"--image needs a frame-wise model (frames_per_block 1); this one has {K}")
-    if num_frames % K:
-        raise SampleError(f"--num_frames {num_frames} is not a whole number of {K}-frame blocks")
-    if prefix_frames + num_frames > cfg.rope_max_positions:
-        raise SampleError(f"{prefix_frames + num_frames} latent frames exceed the model's RoPE/cache range of "
-                          f"{cfg.rope_max_positions}")
-    if not info["multi_step"] and args.first_frame_steps != "none":
-        try:
-            [float(s) for s in args.first_frame_steps.split(",")]
-        except ValueError:
-            raise SampleError(f"--first_frame_steps {args.first_frame_steps!r} is not a comma list of timesteps") from None
+    if args.image and (K != 1 or not cfg.causal):
+        raise SampleError(f"--image needs a frame-wise causal model (frames_per_block 1); this one has {K}"
+                          + ("" if cfg.causal else " and is bidirectional"))
+    height, width, num_frames, fps, scale = video_size(model, info, args.num_frames, args.height, args.width,
+                                                       prefix_frames=1 if args.image else 0)
+    fps, scale = args.fps or fps, args.scale or scale
 
+    import encoders
     text = encoders.load_text_encoder(info["text_encoder"], device)
     codec_device = torch.device("cpu") if toy else device
     codec = encoders.load_codec(info["codec"], codec_device)
@@ -308,12 +448,7 @@ def main(argv=None):
     if height % (2 * factor) or width % (2 * factor):
         raise SampleError(f"--height/--width must be multiples of {2 * factor}, got {height}x{width}")
     if toy:
-        import toyworld
-        for prompt in prompts:
-            try:
-                toyworld.tokenize([prompt])
-            except AssertionError as e:
-                raise SampleError(f"{e} (toy prompts look like 'a red circle moves left quickly')") from None
+        check_toy_prompts(prompts)
     prefix = None
     if args.image:
         image = read_image(args.image, height, width)
@@ -323,19 +458,20 @@ def main(argv=None):
     shape = (num_frames, cfg.in_dim, height // factor, width // factor)
 
     os.makedirs(args.out, exist_ok=True)
-    mode = (f"{args.sample_steps or 40}-step Euler, CFG {args.cfg}" if info["multi_step"] else
-            f"{args.steps}-step" + (f", first frame {args.first_frame_steps}" if not args.image and
-                                    args.first_frame_steps != "none" else ""))
-    print(f"{info['path']} ({info['format']}{', EMA' if args.use_ema else ''}, {info['stage'] or 'unknown stage'}): "
-          f"{mode}, {num_frames} latent frames, {'block' if K > 1 else 'frame'}-wise, {device}")
+    if args.image and how.mode == "few_step":  # I2V: frame 0 is the image, so no block gets the first-block list
+        how = dataclasses.replace(how, first_block_steps=None)
+    mode = how.describe()
+    layout = ("block" if K > 1 else "frame") + "-wise" if cfg.causal else "whole clip at once"
+    print(f"{info['path']} ({info['format']}{', EMA' if args.use_ema else ''}, {info['stage'] or info['kind']}): "
+          f"{mode}, {num_frames} latent frames, {layout}, {device}")
     results = {}
     for prompt in prompts:
         name = f"{slug(prompt)}-{args.seed}"
         mp4, png = os.path.join(args.out, name + ".mp4"), os.path.join(args.out, name + ".png")
         writer = VideoWriter(mp4, fps, scale)
         try:
-            video, timings = sample_one(model, info, text, codec, codec_device, prompt, args, shape, prefix,
-                                        writer if args.stream else None)
+            video, timings = sample_one(model, how, text, codec, codec_device, prompt, args.seed, shape, prefix,
+                                        writer if args.stream else None, quiet=args.quiet)
             if not args.stream:
                 writer.append(video)
             writer.close()

@@ -9,8 +9,8 @@ its "pretrained Wan" (the toy base model in checkpoints/toy/base/).
 
 The loss is flow matching (paper §2.1): x_t = (1−σ)·x0 + σ·ε, target v = ε − x0, σ = t/1000 exactly. As the
 official code does, t is a uniform index on the shift-5 grid of 1000 points (so high noise dominates),
-constant within each frame block, and the per-frame loss is weighted by a Gaussian in t (method_spec §1.1);
-unlike the official code, σ and t are exact fp32 values (no bf16 timesteps, method_spec §10.4).
+constant within each frame block, and the per-frame loss is weighted by a Gaussian in t; unlike the official
+code, σ and t are exact fp32 values (no bf16 timesteps; docs/official_code.md).
 
 Launch:
   python stage1_teacher_forcing.py --config configs/toy/base.yaml             # toy base model, CPU
@@ -27,6 +27,7 @@ import torch
 
 import common
 import model as M
+import sample
 
 # -----------------------------------------------------------------------------
 # config (defaults = the paper's frame-wise Wan2.1-1.3B Stage 1; yaml files hold deltas)
@@ -35,8 +36,8 @@ import model as M
 @dataclass
 class Config:
     # model
-    model_preset: str = "wan2.1-t2v-1.3b"
-    init_from: str | None = "wan_models/Wan2.1-T2V-1.3B"  # Wan/diffusers folder, our checkpoint dir, or null
+    model_preset: str = "wan2.1-t2v-1.3b"  # the architecture when init_from is null or an official .pt
+    init_from: str | None = "wan_models/Wan2.1-T2V-1.3B"  # Wan/diffusers folder, our checkpoint, official .pt, null
     init_use_ema: bool = False        # take the EMA weights of an init checkpoint that has them
     causal: bool = True               # True: teacher forcing (Stage 1); False: bidirectional flow matching
     frames_per_block: int = 1         # 1 = frame-wise, 3 = chunk-wise
@@ -73,7 +74,7 @@ class Config:
     log_every: int = 10
     save_every: int = 1000
     sample_every: int = 1000          # PNG grid of multi-step samples (0 = never)
-    sample_steps: int = 50
+    sample_steps: int = 40            # Euler steps of the sample grid (as sample.py)
     sample_shift: float = 5.0         # shift of the sample grid's Euler steps (independent of training's)
     sample_guidance: float = 3.0      # CFG weight u + w(c − u) of the sample grid
     sample_prompts: list = ()         # empty: the first prompts of the data (toy: held-out prompts)
@@ -88,8 +89,8 @@ class Config:
 
 
 def gaussian_grid_weights(grid):
-    """Official 'bsmntw' weight per grid point: y = exp(−2((t − N/2)/N)²), w = (y − min y)·N/Σ(y − min y);
-    mean 1, largest at t = 500, zero at the highest-noise point (method_spec §1.1)."""
+    """The official code's loss weight per grid point: y = exp(−2((t − N/2)/N)²), w = (y − min y)·N/Σ(y − min y);
+    mean 1, largest at t = 500, zero at the highest-noise point (docs/official_code.md)."""
     N = len(grid)
     y = torch.exp(-2 * ((grid.double() - N / 2) / N) ** 2)
     y = y - y.min()
@@ -123,31 +124,6 @@ def lr_at(step, cfg):
 
 
 # -----------------------------------------------------------------------------
-# sample grid: multi-step sampling with CFG, decoded and written as PNG (+ ToyBench numbers on the toy)
-
-
-@torch.no_grad()
-def sample_grid(model, cfg, text, codec, prompts, shape, device, path):
-    B = len(prompts)
-    noise = torch.randn((B, *shape), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
-    context, uncond = text.encode(prompts).to(device), text.encode([text.negative_prompt] * B).to(device)
-    steps = M.timestep_grid(cfg.sample_steps, cfg.sample_shift).tolist()
-    was_training = model.training
-    model.eval()
-    if cfg.causal:
-        latents = M.generate(model, noise, context, steps=steps, sampler="euler", uncond_context=uncond,
-                             guidance_scale=cfg.sample_guidance)
-    else:
-        latents = M.generate_bidirectional(model, noise, context, steps=steps, uncond_context=uncond,
-                                           guidance_scale=cfg.sample_guidance)
-    model.train(was_training)
-    videos = codec.decode(latents.float().cpu())  # [B, T, 3, H, W] in [-1, 1]
-    if path is not None:
-        common.save_png_grid(videos, path, scale=2)
-    return videos
-
-
-# -----------------------------------------------------------------------------
 # main
 
 
@@ -161,17 +137,15 @@ def main(cfg):
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- model ----
-    init_from = common.resolve_checkpoint(cfg.init_from) if cfg.init_from else None
-    inherited = M.config_from_checkpoint(init_from) if init_from else None
-    model_cfg = inherited or M.WanConfig.from_preset(cfg.model_preset)
-    if inherited:
-        common.print0(f"model config inherited from {init_from}: {inherited}")
-    model_cfg.causal, model_cfg.frames_per_block = cfg.causal, cfg.frames_per_block
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
-    model = M.CausalWanModel(model_cfg)
-    if init_from and resume_from is None:
-        fmt = M.load_weights(model, init_from, use_ema=cfg.init_use_ema)
-        common.print0(f"initialised from {init_from} ({fmt})")
+    if cfg.init_from:  # the architecture of the init checkpoint (model_preset only for an official .pt)
+        model, model_cfg, fmt, path = common.load_model(cfg.init_from, use_ema=cfg.init_use_ema, preset=cfg.model_preset,
+                                                        causal=cfg.causal, frames_per_block=cfg.frames_per_block,
+                                                        what="init_from")
+        common.print0(f"initialised from {path} ({fmt}): {model_cfg}")
+    else:
+        model_cfg = M.WanConfig.from_preset(cfg.model_preset, causal=cfg.causal, frames_per_block=cfg.frames_per_block)
+        model = M.CausalWanModel(model_cfg)
     model.gradient_checkpointing = cfg.activation_checkpointing
     model.to(device).train()
     ema = common.make_ema(model).eval() if cfg.ema_decay > 0 else None  # the weights we sample and ship
@@ -258,12 +232,12 @@ def main(cfg):
             step_start, logged_step = time.time(), done
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
-            prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)
+            prompts = sample.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)
             path = os.path.join(cfg.out_dir, f"samples_{done:07d}.png") if dist_ctx.is_main else None
-            videos = sample_grid(ema if ema is not None else model, cfg, text, codec, prompts, latent_shape,
-                                 device, path)
-            if cfg.text_encoder == "toy" and dist_ctx.is_main:
-                common.log_toybench(log, done, videos, prompts, progress.write)
+            how = sample.Sampling("multi_step", sample_steps=cfg.sample_steps, cfg=cfg.sample_guidance,
+                                  shift=cfg.sample_shift)
+            sample.preview_grid(ema if ema is not None else model, how, text, codec, prompts, latent_shape, cfg.seed,
+                                path, log if cfg.text_encoder == "toy" else None, done, progress.write)
         stopping = stop.requested(dist_ctx)
         if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log)
@@ -275,4 +249,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.cli_config(Config))
+    common.run_main(main, Config, "stage1_teacher_forcing.py")

@@ -32,6 +32,7 @@ import torch
 
 import common
 import model as M
+import sample
 
 # -----------------------------------------------------------------------------
 # config (defaults = the paper's frame-wise Wan2.1-1.3B Stage 2; yaml files hold deltas)
@@ -41,10 +42,12 @@ import model as M
 class Config:
     method: str = "cd"                # "cd" = causal consistency distillation, "ode" = the causal ODE baseline
     # models
-    teacher: str = "runs/tf"          # Stage-1 run directory (its latest checkpoint) or a checkpoint directory
+    teacher: str = "runs/tf"          # Stage-1 run directory (its latest checkpoint), checkpoint or official .pt
     teacher_use_ema: bool = False
     init_from: str | None = None      # the student's initial weights; null = the teacher
     init_use_ema: bool = False
+    model_preset: str = "wan2.1-t2v-1.3b"  # architecture of an official .pt (which carries no config.json)
+    frames_per_block: int | None = None    # None: the teacher's; set it (1 or 3) for an official .pt
     # data and text
     data_dir: str = "data/latents"
     text_encoder: str = "wan_models/Wan2.1-T2V-1.3B"
@@ -188,42 +191,12 @@ def ode_regression_loss(student, states, stored_t, index, x_gt, context):
 
 
 # -----------------------------------------------------------------------------
-# sampling the few-step student (PNG + ToyBench on the toy)
-
-
-@torch.no_grad()
-def sample_students(model, cfg, text, codec, prompts, shape, device, path):
-    B = len(prompts)
-    noise = torch.randn((B, *shape), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
-    context = text.encode(prompts).to(device)
-    latents = M.generate(model, noise, context, steps=M.warp_timesteps(cfg.sample_steps, cfg.timestep_shift),
-                         first_block_steps=M.warp_timesteps(cfg.first_frame_steps, cfg.timestep_shift),
-                         generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    videos = codec.decode(latents.float().cpu())
-    if path is not None:
-        common.save_png_grid(videos, path, scale=2)
-    return videos
-
-
-# -----------------------------------------------------------------------------
 # main
-
-
-def build_model(path, use_ema, what):
-    path = common.resolve_checkpoint(path)
-    model_cfg = M.config_from_checkpoint(path)
-    assert model_cfg is not None, f"{path} has no config.json to rebuild the {what} from; pass a Stage-1 checkpoint"
-    model_cfg.causal = True
-    model = M.CausalWanModel(model_cfg)
-    fmt = M.load_weights(model, path, use_ema=use_ema)
-    common.print0(f"{what}: {path} ({fmt}{', EMA' if use_ema else ''}), inherited {model_cfg}")
-    return model, model_cfg
 
 
 def generate_ode_data(cfg, teacher, text, data, dist_ctx, ode_dir):
     """Phase 1 of the causal-ODE baseline: trajectories for every clip (shards split across ranks; finished
     shards are skipped on re-runs). Returns the cost: teacher forwards, seconds and bytes written."""
-    from prepare_data import write_shard
     grid = M.timestep_grid(cfg.ode_steps, cfg.timestep_shift)
     stored_t = torch.tensor(M.warp_timesteps(cfg.ode_nominal_steps, cfg.timestep_shift))
     keep = [int((grid - t).abs().argmin()) for t in stored_t]
@@ -257,7 +230,7 @@ def generate_ode_data(cfg, teacher, text, data, dist_ctx, ode_dir):
             clips.append(x_gt.half().cpu())
             prompts += batch_prompts
         tensors = {"states": torch.cat(states), "latents": torch.cat(clips)}  # [n, 5, F, C, H, W], [n, F, C, H, W]
-        write_shard(ode_dir, shard, tensors, dict(prompts=prompts, stored_t=stored_t.tolist(), skipped=[]))
+        common.write_shard(ode_dir, shard, tensors, dict(prompts=prompts, stored_t=stored_t.tolist(), skipped=[]))
         written += sum(v.numel() * v.element_size() for v in tensors.values())
     return dict(teacher_forwards=forwards, seconds=time.time() - start, bytes_written=written)
 
@@ -273,11 +246,17 @@ def main(cfg):
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- models: frozen teacher φ, student θ, EMA student θ⁻ ----
-    teacher, model_cfg = build_model(cfg.teacher, cfg.teacher_use_ema, "teacher (Stage-1 AR diffusion model)")
+    def load(path, use_ema, what):
+        model, model_cfg, fmt, path = common.load_model(path, use_ema=use_ema, preset=cfg.model_preset, causal=True,
+                                                        frames_per_block=cfg.frames_per_block, what=what)
+        common.print0(f"{what}: {path} ({fmt}{', EMA' if use_ema else ''}), {model_cfg}")
+        return model, model_cfg
+
+    teacher, model_cfg = load(cfg.teacher, cfg.teacher_use_ema, "teacher (Stage-1 AR diffusion model)")
     teacher.to(device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    student, _ = build_model(cfg.init_from or cfg.teacher, cfg.init_use_ema if cfg.init_from else
-                             cfg.teacher_use_ema, "student init")
+    student, _ = load(cfg.init_from or cfg.teacher, cfg.init_use_ema if cfg.init_from else cfg.teacher_use_ema,
+                      "student init")
     student.gradient_checkpointing = cfg.activation_checkpointing
     student.to(device).train()
     ema = common.make_ema(student).eval() if cfg.method == "cd" else None  # θ⁻ starts at θ
@@ -382,13 +361,13 @@ def main(cfg):
             step_start, logged_step = time.time(), done
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
-            prompts = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)
+            prompts = sample.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, data.prompts)
             path = os.path.join(cfg.out_dir, f"samples_{done:07d}.png") if dist_ctx.is_main else None
-            sampled = ema if ema is not None else student.eval()  # CD: the EMA weights θ⁻ (what Stage 3 starts from)
-            videos = sample_students(sampled, cfg, text, codec, prompts, latent_shape, device, path)
-            student.train()
-            if cfg.text_encoder == "toy" and dist_ctx.is_main:
-                common.log_toybench(log, done, videos, prompts, progress.write)
+            how = sample.Sampling("few_step", steps=tuple(cfg.sample_steps), first_block_steps=tuple(cfg.first_frame_steps),
+                                  shift=cfg.timestep_shift)
+            sampled = ema if ema is not None else student  # CD: the EMA weights θ⁻ (what Stage 3 starts from)
+            sample.preview_grid(sampled, how, text, codec, prompts, latent_shape, cfg.seed, path,
+                                log if cfg.text_encoder == "toy" else None, done, progress.write)
         stopping = stop.requested(dist_ctx)
         if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log)
@@ -400,4 +379,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.cli_config(Config))
+    common.run_main(main, Config, "stage2_causal_cd.py")

@@ -31,6 +31,7 @@ import torch
 
 import common
 import model as M
+import sample
 
 # -----------------------------------------------------------------------------
 # config (defaults = the paper's frame-wise 2-step Wan2.1-1.3B Stage 3; yaml files hold deltas)
@@ -39,12 +40,15 @@ import model as M
 @dataclass
 class Config:
     # models
-    generator: str = "runs/cd"        # Stage-2 run directory (its latest checkpoint) or a checkpoint directory
+    generator: str = "runs/cd"        # Stage-2 run directory (its latest checkpoint), checkpoint or official .pt
     generator_use_ema: bool = True    # start from θ⁻ of causal CD, the weights Stage 2 exists to produce
     real_score: str = "wan_models/Wan2.1-T2V-14B"   # frozen bidirectional teacher (paper and official: 14B)
     real_use_ema: bool = False
-    fake_score: str = "wan_models/Wan2.1-T2V-1.3B"  # the critic's initial weights: the base model (§10.1)
+    fake_score: str = "wan_models/Wan2.1-T2V-1.3B"  # the critic's initial weights: the 1.3B base (official code)
     fake_use_ema: bool = False
+    model_preset: str = "wan2.1-t2v-1.3b"           # architecture of an official .pt generator / fake score
+    real_model_preset: str = "wan2.1-t2v-14b"       # ... and of an official .pt real score
+    frames_per_block: int | None = None             # None: the generator's; set it (1 or 3) for an official .pt
     # prompts and text (Stage 3 needs no videos)
     prompts: str = "prompts/vidprom_filtered_extended.txt"  # a .txt (one prompt per line) or a latent-shard dir
     text_encoder: str = "wan_models/Wan2.1-T2V-1.3B"
@@ -218,34 +222,8 @@ def load_prompts(source):
     return prompts
 
 
-@torch.no_grad()
-def sample_rollouts(model, cfg, text, codec, prompts, shape, device, path):
-    """Full few-step rollouts (model.generate, the inference sampler) of the given weights -> videos (and a PNG)."""
-    noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed + 12345)).to(device)
-    latents = M.generate(model, noise, text.encode(prompts).to(device),
-                         steps=M.warp_timesteps(cfg.denoising_steps, cfg.timestep_shift),
-                         first_block_steps=M.warp_timesteps(cfg.first_block_steps, cfg.timestep_shift)
-                         if cfg.first_block_steps else None,
-                         context_t=cfg.context_t, generator=torch.Generator(device=device).manual_seed(cfg.seed))
-    videos = codec.decode(latents.float().cpu())
-    if path is not None:
-        common.save_png_grid(videos, path, scale=2)
-    return videos
-
-
 # -----------------------------------------------------------------------------
 # main
-
-
-def build_model(path, use_ema, causal, what):
-    path = common.resolve_checkpoint(path)
-    model_cfg = M.config_from_checkpoint(path)
-    assert model_cfg is not None, f"{path} has no config.json to rebuild the {what} from"
-    model_cfg.causal = causal
-    model = M.CausalWanModel(model_cfg)
-    fmt = M.load_weights(model, path, use_ema=use_ema)
-    common.print0(f"{what}: {path} ({fmt}{', EMA' if use_ema else ''}), {model.num_params():,} parameters")
-    return model, model_cfg
 
 
 def main(cfg):
@@ -260,9 +238,16 @@ def main(cfg):
 
     # ---- models: generator G_θ (causal), real score (frozen), fake score / critic (trainable) ----
     torch.manual_seed(cfg.seed)
-    generator, gen_cfg = build_model(cfg.generator, cfg.generator_use_ema, True, "generator (Stage-2 student)")
-    real, real_cfg = build_model(cfg.real_score, cfg.real_use_ema, False, "real score (frozen)")
-    fake, fake_cfg = build_model(cfg.fake_score, cfg.fake_use_ema, False, "fake score (critic)")
+    def load(path, use_ema, causal, preset, what, frames_per_block=None):
+        model, model_cfg, fmt, path = common.load_model(path, use_ema=use_ema, preset=preset, causal=causal,
+                                                        frames_per_block=frames_per_block, what=what)
+        common.print0(f"{what}: {path} ({fmt}{', EMA' if use_ema else ''}), {model.num_params():,} parameters")
+        return model, model_cfg
+
+    generator, gen_cfg = load(cfg.generator, cfg.generator_use_ema, True, cfg.model_preset,
+                              "generator (Stage-2 student)", cfg.frames_per_block)
+    real, real_cfg = load(cfg.real_score, cfg.real_use_ema, False, cfg.real_model_preset, "real score (frozen)")
+    fake, fake_cfg = load(cfg.fake_score, cfg.fake_use_ema, False, cfg.model_preset, "fake score (critic)")
     for name, c in (("real score", real_cfg), ("fake score", fake_cfg)):
         assert (c.in_dim, c.text_dim, c.patch_size) == (gen_cfg.in_dim, gen_cfg.text_dim, gen_cfg.patch_size), \
             f"the {name} works on other latents/text than the generator: {c} vs {gen_cfg}"
@@ -392,11 +377,12 @@ def main(cfg):
             step_start, logged_step = time.time(), done
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.max_steps):
             codec = encoders.load_codec(cfg.codec, "cpu")
-            preview = common.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, prompts)
+            preview = sample.preview_prompts(cfg.sample_prompts, cfg.num_samples, cfg.text_encoder, prompts)
             path = os.path.join(cfg.out_dir, f"samples_{done:07d}.png") if dist_ctx.is_main else None
-            videos = sample_rollouts(ema, cfg, text, codec, preview, shape, device, path)
-            if cfg.text_encoder == "toy" and dist_ctx.is_main:
-                common.log_toybench(log, done, videos, preview, progress.write)
+            how = sample.Sampling("few_step", steps=tuple(cfg.denoising_steps), shift=cfg.timestep_shift,
+                                  first_block_steps=tuple(cfg.first_block_steps) or None, context_t=cfg.context_t)
+            sample.preview_grid(ema, how, text, codec, preview, shape, cfg.seed, path,
+                                log if cfg.text_encoder == "toy" else None, done, progress.write)
         stopping = stop.requested(dist_ctx)
         if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log,
@@ -409,4 +395,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(common.cli_config(Config))
+    common.run_main(main, Config, "stage3_asym_dmd.py")

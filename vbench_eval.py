@@ -1,25 +1,7 @@
 """
-Evaluation, two suites.
+VBench evaluation of a checkpoint (ToyBench and Table 2 on the toy world: toy_eval.py).
 
---suite toy: ToyBench (toyworld.py) on the held-out prompts, on CPU, for any checkpoint of this repo — the
-bidirectional toy base, a Stage-1 AR diffusion model (multi-step with CFG) or a few-step student of Stage 2/3
-(1, 2 or 4 steps, the first frame with 4: the ASD trick).
-
-  python vbench_eval.py --suite toy --ckpt checkpoints/toy/base                      # 40-step CFG sampling
-  python vbench_eval.py --suite toy --ckpt runs/toy/tf --use_ema --sample_steps 40   # AR diffusion, frame-wise
-  python vbench_eval.py --suite toy --ckpt runs/toy/cd --use_ema --steps 2           # few-step AR student
-
-Held-out prompts are (colour, shape, motion) combinations that never occur in training (toyworld.HELDOUT), so
-the semantic score measures composition, not memory. Every prompt is sampled `--samples` times from fixed
-seeds; the table is written to stdout and, with --json, to a file.
-
---suite toy --ablation (also `make ablation`): the paper's Table 2 in miniature — the toy Stage 3 from the
-Stage-1 model, the causal-ODE and the causal-CD students at 1, 2 and 4 steps (finished runs are reused), with
-ToyBench, dynamic degree, drift and the Stage-2 cost (teacher forwards, seconds, bytes stored).
-
-  python vbench_eval.py --suite toy --ablation --ablation_steps 2 --samples 2 --json runs/toy/ablation.json
-
---suite vbench: the VBench standard-mode protocol (eval_spec §1) in three resumable steps.
+The VBench standard-mode protocol in three resumable steps (docs/evaluation.md).
 
   1. generate (with --ckpt)  every distinct prompt of --prompts x --samples (default 5) videos, sharded over
      torchrun ranks, as OUT/videos/{full prompt}-{i}.mp4 at 16 fps — the names VBench's standard mode looks
@@ -66,13 +48,11 @@ import shlex
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
 
-import common
-import model as M
+import sample
 
 # -----------------------------------------------------------------------------
 # VBench constants
@@ -290,167 +270,6 @@ def timing_summary(entries):
 
 
 # -----------------------------------------------------------------------------
-# toy suite
-
-
-FEW_STEP_LISTS = {1: [1000], 2: [1000, 500], 4: [1000, 750, 500, 250]}  # nominal; shift 5 is applied on use
-
-
-def load_model(path, use_ema):
-    path = common.resolve_checkpoint(path)
-    cfg = M.config_from_checkpoint(path)
-    if cfg is None:
-        raise SystemExit(f"{path}: no config.json to rebuild the model from (our checkpoints carry one)")
-    model = M.CausalWanModel(cfg)
-    M.load_weights(model, path, use_ema=use_ema)
-    return model.eval(), path
-
-
-@torch.no_grad()
-def sample_toy(model, prompts, *, seed=0, steps=None, sample_steps=40, guidance_scale=3.0, shift=5.0,
-               batch_size=32):
-    """Videos [N, T, 3, H, W] for prompts [N] (noise of prompt i from seed + i). steps = a nominal few-step list
-    (few-step AR student, first frame 4 steps); otherwise `sample_steps`-step Euler with CFG (bidirectional or
-    AR diffusion model, whichever the checkpoint is)."""
-    import toyworld
-    text, codec = toyworld.ToyTextEncoder(), toyworld.ToyCodec()
-    shape = (toyworld.TOY_FRAMES, toyworld.TOY_LATENT_CHANNELS, toyworld.TOY_LATENT_SIZE, toyworld.TOY_LATENT_SIZE)
-    videos = []
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first:first + batch_size]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + i))
-                             for i in range(len(batch))])
-        context = text.encode(batch)
-        uncond = text.encode([text.negative_prompt] * len(batch))
-        generator = torch.Generator().manual_seed(seed + first)
-        if steps is not None:
-            latents = M.generate(model, noise, context, steps=M.warp_timesteps(steps, shift),
-                                 first_block_steps=M.warp_timesteps([1000, 750, 500, 250], shift), generator=generator)
-        elif model.cfg.causal:
-            latents = M.generate(model, noise, context, steps=M.timestep_grid(sample_steps, shift).tolist(),
-                                 sampler="euler", uncond_context=uncond, guidance_scale=guidance_scale)
-        else:
-            latents = M.generate_bidirectional(model, noise, context, steps=M.timestep_grid(sample_steps, shift).tolist(),
-                                               uncond_context=uncond, guidance_scale=guidance_scale)
-        videos.append(codec.decode(latents))
-    return torch.cat(videos)
-
-
-def toy_suite(args):
-    import toyworld
-    model, path = load_model(args.ckpt, args.use_ema)
-    prompts = [p for p in toyworld.heldout_prompts() for _ in range(args.samples)]
-    steps = FEW_STEP_LISTS[args.steps] if args.steps else None
-    if steps is not None and not model.cfg.causal:
-        raise SystemExit(f"{path} is a bidirectional model; --steps is for few-step AR students (use --sample_steps)")
-    start = time.time()
-    videos = sample_toy(model, prompts, seed=args.seed, steps=steps, sample_steps=args.sample_steps,
-                        guidance_scale=args.cfg)
-    seconds = time.time() - start
-    scores = toyworld.score(videos, prompts)
-    how = f"{args.steps}-step" if steps else f"{args.sample_steps}-step CFG {args.cfg}"
-    name = args.name or f"{path} ({how})"
-    toyworld.print_table({name: scores})
-    print(f"{len(prompts)} videos ({len(set(prompts))} held-out prompts x {args.samples}) in {seconds:.1f} s")
-    if args.png:
-        common.save_png_grid(videos[::args.samples][:8], args.png, scale=2)
-        print(f"wrote {args.png}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": path, "sampling": how, "seconds": seconds,
-                       **{k: v for k, v in scores.items() if k != "per_video"}}, f, indent=2)
-        print(f"wrote {args.json}")
-    return scores
-
-
-# -----------------------------------------------------------------------------
-# toy ablation: the paper's Table 2 in miniature
-#
-# Which initialisation makes the best few-step student after Stage 3 (paper §4.3, Table 2)? The same toy
-# Stage-3 config (configs/toy/dmd_{n}step.yaml) is run from three initialisations — the Stage-1 AR diffusion
-# model itself, the causal-ODE student and the causal-CD student of Stage 2 — and each EMA generator is scored
-# on the held-out prompts. Runs are reused when finished and continued when stopped (--resume=true), so a
-# second call only evaluates. The Stage-2 cost column comes from the Stage-2 run's metrics.jsonl.
-
-ABLATION_INITS = (  # (row name, Stage-2 run, its config or None, Stage-3 out_dir suffix)
-    ("Stage-1 AR diffusion (no Stage 2)", "runs/toy/tf", None, "_from_tf"),
-    ("causal ODE (Stage 2 baseline)", "runs/toy/ode", "configs/toy/ode.yaml", "_from_ode"),
-    ("causal CD (Stage 2, ours)", "runs/toy/cd", "configs/toy/cd.yaml", ""),
-)
-
-
-def stage2_cost(run_dir):
-    """Teacher forwards, seconds and bytes stored by a Stage-2 run, from its metrics.jsonl: the ODE data cost
-    (trajectory generation, logged once as ode/*) plus the training steps' teacher forwards and seconds (CD
-    calls its teacher every step; ODE regression does not). A Stage-1 model used directly costs nothing."""
-    cost = dict(teacher_forwards=0.0, seconds=0.0, bytes_stored=0.0)
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(os.path.join(common.resolve_checkpoint(run_dir), "config.json")) as f:
-        if json.load(f).get("stage") == "stage1" or not os.path.isfile(path):
-            return cost
-    training_forwards, previous_step = 0.0, 0
-    with open(path) as f:
-        for row in map(json.loads, f):
-            cost["teacher_forwards"] += row.get("ode/teacher_forwards", 0.0)
-            cost["seconds"] += row.get("ode/seconds", 0.0)
-            cost["bytes_stored"] += row.get("ode/bytes_written", 0.0)
-            if "sec_per_step" in row:  # mean over the steps since the previous row
-                cost["seconds"] += row["sec_per_step"] * (row["step"] - previous_step)
-                previous_step = row["step"]
-            training_forwards = row.get("teacher_forwards", training_forwards)  # cumulative over the run
-    cost["teacher_forwards"] += training_forwards
-    return cost
-
-
-def run_stage(script, config, overrides):
-    """A stage script as a subprocess (its own progress bars and errors), continued if stopped."""
-    command = [sys.executable, script, "--config", config, *overrides, "--resume=true"]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
-
-
-def ablation_suite(args):
-    import toyworld
-    rows, results = {}, []
-    for steps in args.ablation_steps:
-        for name, stage2_run, stage2_config, suffix in ABLATION_INITS:
-            if not os.path.isdir(stage2_run):
-                if stage2_config is None:
-                    raise SystemExit(f"{stage2_run} not found: run Stage 1 first (make toy, or "
-                                     f"python stage1_teacher_forcing.py --config configs/toy/tf.yaml)")
-                run_stage("stage2_causal_cd.py", stage2_config, [])
-            out_dir = f"runs/toy/dmd_{steps}step{suffix}"
-            # the EMA student where the run keeps one (TF, CD); the ODE regression keeps none
-            has_ema = os.path.isfile(os.path.join(common.resolve_checkpoint(stage2_run), "ema.safetensors"))
-            run_stage("stage3_asym_dmd.py", f"configs/toy/dmd_{steps}step.yaml",
-                      [f"--generator={stage2_run}", f"--generator_use_ema={str(has_ema).lower()}",
-                       f"--out_dir={out_dir}"])
-            model, path = load_model(out_dir, use_ema=True)
-            prompts = [p for p in toyworld.heldout_prompts() for _ in range(args.samples)]
-            scores = toyworld.score(sample_toy(model, prompts, seed=args.seed, steps=FEW_STEP_LISTS[steps]), prompts)
-            label = f"{steps}-step, init: {name}"
-            rows[label] = scores
-            results.append(dict(steps=steps, init=name, stage2_run=stage2_run, stage3_checkpoint=path,
-                                stage2_cost=stage2_cost(stage2_run),
-                                total_standard_error=toyworld.bootstrap_standard_error(scores["per_video"]),
-                                **{k: v for k, v in scores.items() if k != "per_video"}))
-    print()
-    toyworld.print_table(rows)
-    print("\n| steps | Stage-3 init | Total ± bootstrap SE | Quality | Semantic | dynamic | drift | Stage-2 teacher forwards | "
-          "Stage-2 seconds | bytes stored |\n|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        c = r["stage2_cost"]
-        print(f"| {r['steps']} | {r['init']} | {100 * r['total']:.1f} ± {100 * r['total_standard_error']:.1f} | "
-              f"{100 * r['quality']:.1f} | "
-              f"{100 * r['semantic']:.1f} | {100 * r['dynamic_degree']:.1f} | {100 * r['drift']:.1f} | "
-              f"{c['teacher_forwards']:,.0f} | {c['seconds']:,.0f} | {c['bytes_stored'] / 2**20:,.1f} MiB |")
-    if args.json:
-        write_atomically(args.json, json.dumps(results, indent=2))
-        print(f"wrote {args.json}")
-    return results
-
-
-# -----------------------------------------------------------------------------
 # vbench suite: files on disk (atomic writes, per-rank journals, merged manifest)
 
 
@@ -554,37 +373,14 @@ class DecodeTimer:
 
 
 def load_vbench_generator(args, device):
-    """checkpoint -> model, text encoder, codec and latent shape, through sample.py's own loaders, so VBench
-    videos are made by exactly the code path of `python sample.py` (real Wan scale with --wan_dir)."""
+    """checkpoint -> model, sampling, text encoder, codec and latent shape, through sample.py's loader and
+    sampler, so VBench videos are made by exactly the code path of `python sample.py` (Wan scale with --wan_dir)."""
     import encoders
-    import sample
-    argv = ["--ckpt", args.ckpt, "--quiet", "--shift", str(args.shift), "--cfg", str(args.cfg),
-            "--first_frame_steps", args.first_frame_steps]
-    for flag in ("steps", "wan_dir", "frames_per_block", "sample_steps", "num_frames", "height", "width"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    sample_args = sample.parse_args(argv + (["--use_ema"] if args.use_ema else []))
-    model, info = sample.load_generator(sample_args)
-    cfg, K = model.cfg, model.cfg.frames_per_block
+    model, info = sample.load_for_inference(args.ckpt, use_ema=args.use_ema, wan_dir=args.wan_dir,
+                                            frames_per_block=args.frames_per_block)
+    how = sample.choose_sampling(info, args.steps, args.sample_steps, args.first_frame_steps, args.cfg, args.shift)
+    height, width, num_frames, _, _ = sample.video_size(model, info, args.num_frames, args.height, args.width)
     toy = info["text_encoder"] == "toy"
-    if toy:
-        import toyworld
-        height = width = toyworld.TOY_SIZE
-        default_frames = toyworld.TOY_FRAMES
-    else:
-        height, width, default_frames = 480, 832, 21   # Wan2.1 T2V: 81 frames = 21 latent frames
-    height, width = args.height or height, args.width or width
-    num_frames = args.num_frames or info["num_frames"] or default_frames
-    if num_frames % K:
-        raise VBenchError(f"--num_frames {num_frames} is not a whole number of {K}-frame blocks")
-    if num_frames > cfg.rope_max_positions:
-        raise VBenchError(f"{num_frames} latent frames exceed the model's RoPE/cache range of {cfg.rope_max_positions}")
-    if not info["multi_step"] and args.first_frame_steps != "none":
-        try:
-            [float(s) for s in args.first_frame_steps.split(",")]
-        except ValueError:
-            raise VBenchError(f"--first_frame_steps {args.first_frame_steps!r} is not a comma list of "
-                              f"timesteps") from None
     codec_device = torch.device("cpu") if toy else device
     text = encoders.load_text_encoder(info["text_encoder"], device)
     codec = DecodeTimer(encoders.load_codec(info["codec"], codec_device))
@@ -592,22 +388,12 @@ def load_vbench_generator(args, device):
     if height % (2 * factor) or width % (2 * factor):
         raise VBenchError(f"--height/--width must be multiples of {2 * factor}, got {height}x{width}")
     model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    sampling = (f"{sample_args.sample_steps or 40}-step Euler, CFG {sample_args.cfg}" if info["multi_step"] else
-                f"{sample_args.steps}-step, first frame {sample_args.first_frame_steps}")
-    signature = {"checkpoint": os.path.abspath(info["path"]), "use_ema": bool(args.use_ema), "sampling": sampling,
-                 "base_seed": args.seed, "latent_frames": num_frames, "height": height, "width": width}
-    return dict(model=model, info=info, text=text, codec=codec, codec_device=codec_device, toy=toy,
-                shape=(num_frames, cfg.in_dim, height // factor, width // factor), sample_args=sample_args,
-                signature=signature, device=device)
-
-
-def check_toy_prompts(texts):
-    import toyworld
-    for text in texts:
-        try:
-            toyworld.tokenize([text])
-        except AssertionError as e:
-            raise VBenchError(f"{e} (toy prompts look like 'a red circle moves left quickly')") from None
+    signature = {"checkpoint": os.path.abspath(info["path"]), "use_ema": bool(args.use_ema),
+                 "sampling": how.describe(), "base_seed": args.seed, "latent_frames": num_frames, "height": height,
+                 "width": width}
+    return dict(model=model, info=info, how=how, text=text, codec=codec, codec_device=codec_device, toy=toy,
+                shape=(num_frames, model.cfg.in_dim, height // factor, width // factor), signature=signature,
+                device=device)
 
 
 def check_resume(out_dir, names, texts_by_name, signature):
@@ -628,7 +414,6 @@ def check_resume(out_dir, names, texts_by_name, signature):
 def generate_shard(generator, jobs, prompts, texts, out_dir, rank, world, quiet=False):
     """Make this rank's missing videos. Each: stream-decoded into a temporary mp4, its journal line
     appended and fsynced, then renamed into place. Returns the number of videos made."""
-    import sample
     videos_dir = os.path.join(out_dir, "videos")
     journal = journal_path(out_dir, rank)
     repair_journal(journal)
@@ -641,12 +426,11 @@ def generate_shard(generator, jobs, prompts, texts, out_dir, rank, world, quiet=
     for count, (job_index, prompt_index, sample_index) in enumerate(todo, 1):
         name = video_filename(prompts[prompt_index], sample_index)
         seed = video_seed(generator["signature"]["base_seed"], job_index)
-        args = argparse.Namespace(**{**vars(generator["sample_args"]), "seed": seed, "quiet": True})
         writer = sample.VideoWriter(os.path.join(videos_dir, name), VBENCH_FPS, 1)
         try:
-            video, timings = sample.sample_one(generator["model"], generator["info"], generator["text"], codec,
-                                               generator["codec_device"], texts[prompt_index], args,
-                                               generator["shape"], None, writer)
+            video, timings = sample.sample_one(generator["model"], generator["how"], generator["text"], codec,
+                                               generator["codec_device"], texts[prompt_index], seed,
+                                               generator["shape"], None, writer, quiet=True)
             frames = video.shape[0]
             entry = {"file": name, "prompt": prompts[prompt_index], "generated_from": texts[prompt_index],
                      "prompt_line": prompt_index + 1, "sample_index": sample_index, "seed": seed, "job": job_index,
@@ -837,7 +621,7 @@ def ranks(args):
 
 def vbench_suite(args):
     """Returns the scores summary (or None when this process only generated)."""
-    samples = args.samples or SAMPLES_PER_PROMPT
+    samples = args.samples
     out_dir = args.out
     requested = check_dimensions(args.dimensions or list(VBENCH_DIMENSIONS))
 
@@ -888,7 +672,6 @@ def vbench_suite(args):
     # ---- generation (this rank's shard; finished videos are skipped)
     videos_dir = os.path.join(out_dir, "videos")
     if args.ckpt:
-        import sample
         device_name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_name == "cuda" else \
             torch.device(device_name)
@@ -897,7 +680,7 @@ def vbench_suite(args):
         except (sample.SampleError, FileNotFoundError) as e:
             raise VBenchError(str(e).splitlines()[0]) from None
         if generator["toy"]:
-            check_toy_prompts(texts[p] for p, _ in jobs)
+            sample.check_toy_prompts([texts[p] for p, _ in jobs])
         check_resume(out_dir, set(names), texts_by_name, generator["signature"])
         os.makedirs(videos_dir, exist_ok=True)
         job_index = {job: j for j, job in enumerate(jobs)}   # the seed follows the suite order, not the rank
@@ -939,63 +722,49 @@ def vbench_suite(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["toy", "vbench"], required=True)
-    parser.add_argument("--ckpt", help="checkpoint directory or run directory (its latest); vbench: also a Wan "
-                        "folder or an official .pt with --wan_dir, as in sample.py")
-    parser.add_argument("--use_ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
-    parser.add_argument("--steps", type=int, choices=[1, 2, 4], help="few-step AR sampling (students; vbench "
-                        "default 2, as sample.py)")
-    parser.add_argument("--sample_steps", type=int, help="multi-step Euler sampling with CFG (toy default 40)")
+    parser.add_argument("--suite", choices=["vbench", "toy"], default="vbench",
+                        help="vbench (the only suite here; 'toy' moved to toy_eval.py)")
+    parser.add_argument("--ckpt", help="checkpoint or run directory (its latest), a Wan folder, or an official .pt "
+                        "with --wan_dir, as in sample.py")
+    parser.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
+    parser.add_argument("--steps", type=int, choices=[1, 2, 4], help="few-step rollout (students: default 2)")
+    parser.add_argument("--sample_steps", type=int, help="multi-step Euler with CFG (Stage-1 models: default 40)")
     parser.add_argument("--cfg", type=float, default=3.0, help="CFG weight of multi-step sampling")
-    parser.add_argument("--samples", type=int, help=f"videos per prompt (toy default 4, vbench {SAMPLES_PER_PROMPT})")
+    parser.add_argument("--samples", type=int, default=SAMPLES_PER_PROMPT, help="videos per prompt (VBench's "
+                        f"standard mode expects {SAMPLES_PER_PROMPT})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default=None)
-    parser.add_argument("--png", default=None, help="toy: write a strip of one video per prompt (first 8)")
-    parser.add_argument("--json", default=None, help="toy: write the scores to this file")
-    parser.add_argument("--ablation", action="store_true", help="toy: Table 2 in miniature — Stage 3 from each "
-                        "initialisation (Stage-1 model, causal ODE, causal CD), trained or reused, then scored")
-    parser.add_argument("--ablation_steps", type=int, nargs="+", default=[1, 2, 4], choices=[1, 2, 4],
-                        help="toy --ablation: the few-step settings to run (default 1 2 4)")
-    vbench = parser.add_argument_group("--suite vbench")
-    vbench.add_argument("--prompts", help="one prompt per line (VBench: prompts/all_dimension.txt)")
-    vbench.add_argument("--extended_prompts", help="generate from these lines instead (aligned with --prompts); "
+    parser.add_argument("--prompts", help="one prompt per line (VBench: prompts/all_dimension.txt)")
+    parser.add_argument("--extended_prompts", help="generate from these lines instead (aligned with --prompts); "
                         "videos keep the --prompts names")
-    vbench.add_argument("--out", default="vbench_out", help="OUT: videos/, manifest.jsonl, vbench_results/, scores.*")
-    vbench.add_argument("--wan_dir", help="Wan2.1 folder: text encoder and VAE (and the architecture for a .pt)")
-    vbench.add_argument("--first_frame_steps", default="1000,750,500,250", help="the first frame's nominal list "
-                        "(ASD); 'none' = the same list as every frame")
-    vbench.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
-    vbench.add_argument("--num_frames", type=int, help="latent frames per video (default: the trained length)")
-    vbench.add_argument("--height", type=int, help="video height (Wan default 480)")
-    vbench.add_argument("--width", type=int, help="video width (Wan default 832)")
-    vbench.add_argument("--shift", type=float, default=5.0, help="timestep shift of the step lists")
-    vbench.add_argument("--device", default="auto")
-    vbench.add_argument("--rank", type=int, help="this shard when shards run as separate jobs (default: torchrun's)")
-    vbench.add_argument("--world_size", type=int, help="number of shards when they run as separate jobs")
-    vbench.add_argument("--vbench_cmd", help="VBench command of its own environment, e.g. "
+    parser.add_argument("--out", default="vbench_out", help="OUT: videos/, manifest.jsonl, vbench_results/, scores.*")
+    parser.add_argument("--wan_dir", help="Wan2.1 folder: text encoder and VAE (and the architecture for a .pt)")
+    parser.add_argument("--first_frame_steps", default="default", help="the first frame's nominal list (default: "
+                        "the ASD list 1000,750,500,250); 'none' = the same list as every frame")
+    parser.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
+    parser.add_argument("--num_frames", type=int, help="latent frames per video (default: the trained length)")
+    parser.add_argument("--height", type=int, help="video height (Wan default 480)")
+    parser.add_argument("--width", type=int, help="video width (Wan default 832)")
+    parser.add_argument("--shift", type=float, default=5.0, help="timestep shift of the step lists")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rank", type=int, help="this shard when shards run as separate jobs (default: torchrun's)")
+    parser.add_argument("--world_size", type=int, help="number of shards when they run as separate jobs")
+    parser.add_argument("--vbench_cmd", help="VBench command of its own environment, e.g. "
                         "'/opt/vbench-venv/bin/vbench evaluate --ngpus 8'; weights from $VBENCH_CACHE_DIR")
-    vbench.add_argument("--dimensions", nargs="+", help="evaluate these dimensions only (default: all 16)")
-    vbench.add_argument("--results", nargs="+", help="aggregate these VBench *_eval_results.json files and stop")
-    vbench.add_argument("--quiet", action="store_true", help="no line per video")
+    parser.add_argument("--dimensions", nargs="+", help="evaluate these dimensions only (default: all 16)")
+    parser.add_argument("--results", nargs="+", help="aggregate these VBench *_eval_results.json files and stop")
+    parser.add_argument("--quiet", action="store_true", help="no line per video")
     args = parser.parse_args(argv)
     if args.suite == "toy":
-        if not args.ckpt and not args.ablation:
-            parser.error("--suite toy needs --ckpt (or --ablation)")
-        args.samples = args.samples or 4
-        args.sample_steps = args.sample_steps or 40
+        parser.error("ToyBench moved to toy_eval.py: python toy_eval.py score --ckpt CKPT "
+                     "(Table 2 in miniature: python toy_eval.py ablation)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.suite == "toy":
-        try:
-            return ablation_suite(args) if args.ablation else toy_suite(args)
-        except M.WeightLoadError as e:
-            raise SystemExit(f"vbench_eval.py: error: {e}") from None
     try:
         return vbench_suite(args)
-    except VBenchError as e:
+    except (VBenchError, sample.SampleError) as e:
         raise SystemExit(f"vbench_eval.py: error: {e}") from None
 
 

@@ -1,0 +1,225 @@
+"""
+Evaluation on the toy world, on CPU: ToyBench (toyworld.py) of any checkpoint of this repo, and the paper's
+Table 2 in miniature. Two commands, each with its own --help:
+
+  score     ToyBench of one checkpoint on the 23 held-out prompts x --samples (default 2, as docs/results.md).
+            The checkpoint says what it is and is sampled that way (sample.py): a few-step student with its
+            1/2/4-step rollout (first frame 4 steps, the ASD trick), the Stage-1 AR diffusion model and the
+            bidirectional toy base with 40 Euler steps and CFG 3.
+
+    python toy_eval.py score --ckpt checkpoints/toy/dmd_2step                 # shipped student, 2 steps
+    python toy_eval.py score --ckpt runs/toy/cd --use_ema --steps 4           # a Stage-2 student at 4 steps
+    python toy_eval.py score --ckpt runs/toy/tf --use_ema                     # AR diffusion, 40 steps, CFG 3
+    python toy_eval.py score --ckpt checkpoints/toy/base                      # the bidirectional base
+
+  ablation  Table 2 (paper §4.3): which Stage-2 initialisation makes the best Stage-3 student? The same toy
+            Stage-3 config (configs/toy/dmd_{n}step.yaml) runs from the Stage-1 model itself, the causal-ODE
+            student and the causal-CD student (finished runs are reused, stopped ones continued), and every EMA
+            generator is scored like `score`, with the Stage-2 cost (teacher forwards, seconds, bytes stored).
+
+    python toy_eval.py ablation --steps 1 2 4 --json runs/toy/ablation.json  # make ablation
+
+Held-out prompts are (colour, shape, motion) combinations that never occur in training (toyworld.HELDOUT), so
+the semantic score measures composition, not memory. Every prompt is sampled --samples times from fixed seeds.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import common
+import sample
+
+# -----------------------------------------------------------------------------
+# ToyBench of one model
+
+
+def load_model(path, use_ema):
+    """A toy checkpoint -> (model, path of the checkpoint read), through sample.py's loader (the toy world
+    supplies the text encoder and codec, and the architecture of an official-format .pt)."""
+    model, info = sample.load_for_inference(path, use_ema=use_ema, wan_dir="toy")
+    return model, info["path"]
+
+
+@torch.no_grad()
+def sample_toy(model, prompts, *, seed=0, steps=None, sample_steps=40, guidance_scale=3.0, shift=5.0, how=None,
+               batch_size=32):
+    """Videos [N, T, 3, H, W] for prompts [N] (noise of prompt i from seed + i), in batches, through
+    sample.sample_latents. how: a sample.Sampling; without it, steps = a nominal few-step list (first frame
+    4 steps), else `sample_steps`-step Euler with CFG."""
+    import toyworld
+    if how is None:
+        how = (sample.Sampling("few_step", steps=tuple(steps), shift=shift) if steps is not None else
+               sample.Sampling("multi_step", sample_steps=sample_steps, cfg=guidance_scale, shift=shift))
+    text, codec = toyworld.ToyTextEncoder(), toyworld.ToyCodec()
+    shape = (toyworld.TOY_FRAMES, toyworld.TOY_LATENT_CHANNELS, toyworld.TOY_LATENT_SIZE, toyworld.TOY_LATENT_SIZE)
+    videos = []
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first:first + batch_size]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + i))
+                             for i in range(len(batch))])  # [b, F, C, H, W]
+        uncond = text.encode([text.negative_prompt] * len(batch)) if how.mode == "multi_step" else None
+        latents = sample.sample_latents(model, how, noise, text.encode(batch), uncond,
+                                        generator=torch.Generator().manual_seed(seed + first))
+        videos.append(codec.decode(latents))
+    return torch.cat(videos)
+
+
+def heldout_prompts(samples):
+    import toyworld
+    return [p for p in toyworld.heldout_prompts() for _ in range(samples)]
+
+
+def score_checkpoint(args):
+    import toyworld
+    model, info = sample.load_for_inference(args.ckpt, use_ema=args.use_ema, wan_dir="toy")
+    how = sample.choose_sampling(info, args.steps, args.sample_steps, cfg=args.cfg)
+    prompts = heldout_prompts(args.samples)
+    start = time.time()
+    videos = sample_toy(model, prompts, seed=args.seed, how=how)
+    seconds = time.time() - start
+    scores = toyworld.score(videos, prompts)
+    toyworld.print_table({args.name or f"{info['path']} ({how.describe()})": scores})
+    print(f"{len(prompts)} videos ({len(set(prompts))} held-out prompts x {args.samples}) in {seconds:.1f} s")
+    if args.png:
+        common.save_png_grid(videos[::args.samples][:8], args.png, scale=2)
+        print(f"wrote {args.png}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": info["path"], "sampling": how.describe(), "seconds": seconds,
+                       **{k: v for k, v in scores.items() if k != "per_video"}}, f, indent=2)
+        print(f"wrote {args.json}")
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Table 2 in miniature
+
+ABLATION_INITS = (  # (row name, Stage-2 run, its config or None, Stage-3 out_dir suffix)
+    ("Stage-1 AR diffusion (no Stage 2)", "runs/toy/tf", None, "_from_tf"),
+    ("causal ODE (Stage 2 baseline)", "runs/toy/ode", "configs/toy/ode.yaml", "_from_ode"),
+    ("causal CD (Stage 2, ours)", "runs/toy/cd", "configs/toy/cd.yaml", ""),
+)
+
+
+def stage2_cost(run_dir):
+    """Teacher forwards, seconds and bytes stored by a Stage-2 run, from its metrics.jsonl: the ODE data cost
+    (trajectory generation, logged once as ode/*) plus the training steps' teacher forwards and seconds (CD
+    calls its teacher every step; ODE regression does not). A Stage-1 model used directly costs nothing."""
+    cost = dict(teacher_forwards=0.0, seconds=0.0, bytes_stored=0.0)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    with open(os.path.join(common.resolve_checkpoint(run_dir), "config.json")) as f:
+        if json.load(f).get("stage") == "stage1" or not os.path.isfile(path):
+            return cost
+    training_forwards, previous_step = 0.0, 0
+    with open(path) as f:
+        for row in map(json.loads, f):
+            cost["teacher_forwards"] += row.get("ode/teacher_forwards", 0.0)
+            cost["seconds"] += row.get("ode/seconds", 0.0)
+            cost["bytes_stored"] += row.get("ode/bytes_written", 0.0)
+            if "sec_per_step" in row:  # mean over the steps since the previous row
+                cost["seconds"] += row["sec_per_step"] * (row["step"] - previous_step)
+                previous_step = row["step"]
+            training_forwards = row.get("teacher_forwards", training_forwards)  # cumulative over the run
+    cost["teacher_forwards"] += training_forwards
+    return cost
+
+
+def run_stage(script, config, overrides):
+    """A stage script as a subprocess (its own progress bars and errors), continued if stopped."""
+    command = [sys.executable, script, "--config", config, *overrides, "--resume=true"]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def ablation(args):
+    import toyworld
+    rows, results = {}, []
+    prompts = heldout_prompts(args.samples)
+    for steps in args.steps:
+        for name, stage2_run, stage2_config, suffix in ABLATION_INITS:
+            if not os.path.isdir(stage2_run):
+                if stage2_config is None:
+                    raise sample.SampleError(f"{stage2_run} not found: run Stage 1 first (make toy, or "
+                                             f"python stage1_teacher_forcing.py --config configs/toy/tf.yaml)")
+                run_stage("stage2_causal_cd.py", stage2_config, [])
+            out_dir = f"runs/toy/dmd_{steps}step{suffix}"
+            # the EMA student where the run keeps one (TF, CD); the ODE regression keeps none
+            has_ema = os.path.isfile(os.path.join(common.resolve_checkpoint(stage2_run), "ema.safetensors"))
+            run_stage("stage3_asym_dmd.py", f"configs/toy/dmd_{steps}step.yaml",
+                      [f"--generator={stage2_run}", f"--generator_use_ema={str(has_ema).lower()}",
+                       f"--out_dir={out_dir}"])
+            model, path = load_model(out_dir, use_ema=True)
+            scores = toyworld.score(sample_toy(model, prompts, seed=args.seed, steps=sample.FEW_STEP_LISTS[steps]),
+                                    prompts)
+            rows[f"{steps}-step, init: {name}"] = scores
+            results.append(dict(steps=steps, init=name, stage2_run=stage2_run, stage3_checkpoint=path,
+                                stage2_cost=stage2_cost(stage2_run),
+                                total_standard_error=toyworld.bootstrap_standard_error(scores["per_video"]),
+                                **{k: v for k, v in scores.items() if k != "per_video"}))
+    print()
+    toyworld.print_table(rows)
+    print("\n| steps | Stage-3 init | Total ± bootstrap SE | Quality | Semantic | dynamic | drift | Stage-2 teacher forwards | "
+          "Stage-2 seconds | bytes stored |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        c = r["stage2_cost"]
+        print(f"| {r['steps']} | {r['init']} | {100 * r['total']:.1f} ± {100 * r['total_standard_error']:.1f} | "
+              f"{100 * r['quality']:.1f} | {100 * r['semantic']:.1f} | {100 * r['dynamic_degree']:.1f} | "
+              f"{100 * r['drift']:.1f} | {c['teacher_forwards']:,.0f} | {c['seconds']:,.0f} | "
+              f"{c['bytes_stored'] / 2**20:,.1f} MiB |")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("score", help="ToyBench of one checkpoint on the held-out prompts",
+                       description="ToyBench of one checkpoint on the 23 held-out prompts; the checkpoint decides "
+                       "how it is sampled unless --steps / --sample_steps say otherwise.")
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
+    p.add_argument("--steps", type=int, choices=sorted(sample.FEW_STEP_LISTS),
+                   help="few-step rollout, steps per frame (students: default 2)")
+    p.add_argument("--sample_steps", type=int, help="multi-step Euler with CFG (Stage 1 and the base: default 40)")
+    p.add_argument("--cfg", type=float, default=sample.Sampling.cfg, help="CFG weight of multi-step sampling")
+    p.add_argument("--samples", type=int, default=2, help="videos per held-out prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="row name in the table")
+    p.add_argument("--png", help="write a strip of one video per prompt (first 8)")
+    p.add_argument("--json", help="write the scores to this file")
+    p = sub.add_parser("ablation", help="Table 2 in miniature: Stage 3 from each Stage-2 initialisation",
+                       description="Stage 3 (configs/toy/dmd_{n}step.yaml) from the Stage-1 model, the causal-ODE "
+                       "and the causal-CD students; runs are reused when finished, then every EMA generator is scored.")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], choices=sorted(sample.FEW_STEP_LISTS),
+                   help="the few-step settings to run (default 1 2 4)")
+    p.add_argument("--samples", type=int, default=2, help="videos per held-out prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the rows to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return score_checkpoint(args) if args.command == "score" else ablation(args)
+    except sample.SampleError as e:
+        raise SystemExit(f"toy_eval.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
