@@ -1,12 +1,13 @@
 """
-The real frozen encoders of Wan2.1, borrowed from libraries instead of re-implemented (style_study rule 17):
+The real frozen encoders of Wan2.1, borrowed from libraries instead of re-implemented
+(docs/wan_formats.md has the formats and numbers this file relies on):
   - umT5-XXL text encoder as `transformers.UMT5EncoderModel`, loaded from Wan's
-    `models_t5_umt5-xxl-enc-bf16.pth` through the key map of wan_spec §3.3 (strict), or from an HF folder.
-    Wan's text pipeline (wan_spec §3.4): clean, tokenize to 512 with </s>, encode, zero the pad rows.
+    `models_t5_umt5-xxl-enc-bf16.pth` through a strict key map, or from an HF folder.
+    Wan's text pipeline: clean, tokenize to 512 with </s>, encode, zero the pad rows.
   - Wan2.1 VAE as `diffusers.AutoencoderKLWan`, loaded from `Wan2.1_VAE.pth` (key conversion) or a diffusers
-    folder, wrapped so that encode/decode speak the normalised latent space the DiT sees (wan_spec §5.3), plus
+    folder, wrapped so that encode/decode speak the normalised latent space the DiT sees, plus
     a streaming decoder: one latent frame per call with a persistent causal-conv cache (first call -> 1 frame,
-    later calls -> 4), bit-identical to decoding the whole clip (wan_spec §5.2).
+    later calls -> 4), bit-identical to decoding the whole clip.
 
 Both wrappers share their interface with the toy versions in toyworld.py; `load_text_encoder` and
 `load_codec` pick one from a config string ("toy" or a path). No hub access: local files only.
@@ -32,7 +33,7 @@ WAN_NEGATIVE_PROMPT = (
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-# google/umt5-xxl encoder, as used by Wan (wan_spec §3.3)
+# google/umt5-xxl encoder, as used by Wan (docs/wan_formats.md)
 UMT5_XXL_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
                        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
@@ -54,7 +55,7 @@ def load_strict(module, state_dict, source, assign=False):
 # -----------------------------------------------------------------------------
 # ---- umT5 text encoder ----
 
-# per-block Wan key suffix -> HF UMT5EncoderModel suffix (verified numerically identical, wan_spec §3.3)
+# per-block Wan key suffix -> HF UMT5EncoderModel suffix (tests/test_encoders.py checks the two encoders agree)
 T5_BLOCK_KEYS = {
     "norm1.weight": "layer.0.layer_norm.weight",
     "attn.q.weight": "layer.0.SelfAttention.q.weight",
@@ -87,7 +88,7 @@ def wan_t5_to_hf(state_dict, source="state dict"):
 
 
 def clean_prompt(text):
-    """Wan's HuggingfaceTokenizer(clean='whitespace'), same as diffusers' prompt_clean (wan_spec §3.4)."""
+    """Wan's HuggingfaceTokenizer(clean='whitespace'), same as diffusers' prompt_clean."""
     import ftfy   # Wan's own dependency; only the real text pipeline needs it
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
@@ -96,7 +97,7 @@ def clean_prompt(text):
 
 class UMT5TextEncoder:
     """Frozen umT5 encoder + tokenizer: prompts -> [B, text_len, d_model] float32, rows after each prompt's
-    real length (its </s> included) exactly zero, which is what Wan feeds its DiT (wan_spec §1.5, §3.4)."""
+    real length (its </s> included) exactly zero, which is what Wan feeds its DiT (docs/wan_formats.md)."""
 
     def __init__(self, model, tokenizer, text_len=WAN_TEXT_LEN, negative_prompt=WAN_NEGATIVE_PROMPT):
         self.model = model.eval().requires_grad_(False)
@@ -146,7 +147,7 @@ class UMT5TextEncoder:
 
 class WanVAE:
     """diffusers AutoencoderKLWan speaking the normalised latent space: encode z = (mu - mean) / std,
-    decode mu = z * std + mean (wan_spec §5.3). encode takes the posterior mean (deterministic, as Wan does)."""
+    decode mu = z * std + mean (Wan's 16 per-channel constants). encode takes the posterior mean (deterministic, as Wan does)."""
 
     def __init__(self, vae):
         cfg = vae.config

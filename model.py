@@ -23,7 +23,8 @@ Self-Forcing `.pt` files and our own checkpoints.
 
 Parameter names are exactly Wan's (`blocks.0.self_attn.q.weight`, ...), so the released weights load with
 strict checks. References: Wan2.1 `wan/modules/model.py` (architecture, numerics), Causal-Forcing
-`causal_model.py` (cache semantics); our notes on both in shared/reference/wan_spec.md and method_spec.md.
+`causal_model.py` (cache semantics). docs/wan_formats.md has the checkpoint formats; docs/official_code.md
+where and why this file differs from the official code.
 
 Shape glossary
   B batch · F latent frames · C latent channels (16 for Wan, 12 for the toy codec) · H, W latent height/width
@@ -40,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from einops import rearrange
 
 # -----------------------------------------------------------------------------
 # attention backends, chosen in one place
@@ -303,7 +305,7 @@ class KVCache:
     own keys/values, with gradient, to the cached prefix and leaves the buffers untouched; the no-grad context
     pass that follows writes the block. So the cache only ever changes outside autograd, and the recomputation
     of an activation-checkpointed block during backward reads exactly what its forward read, whatever order
-    autograd runs the blocks in (the official code relies on reverse order here, method_spec §6.3, §10.19).
+    autograd runs the blocks in (the official code relies on reverse order here; docs/official_code.md).
     The text keys/values of cross-attention are computed once per cache and reused in no-grad calls.
     """
 
@@ -503,13 +505,10 @@ class CausalWanModel(nn.Module):
         return self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, D, F, h, w] -> [B, F·h·w, D]
 
     def unpatchify(self, tokens, num_frames, height, width):
-        """[B, F·h·w, ph·pw·C] -> [B, F, C, H, W]; channel o of a token maps to (ph, pw, c), o = (ph·pw_size+pw)·C+c."""
-        B = tokens.shape[0]
+        """[B, F·h·w, ph·pw·C] -> [B, F, C, H, W]; a token's channels are ordered (ph, pw, C), as in Wan."""
         _, ph, pw = self.cfg.patch_size
-        C = self.cfg.out_dim
-        x = tokens.view(B, num_frames, height // ph, width // pw, ph, pw, C)  # [B, F, h, w, ph, pw, C]
-        x = x.permute(0, 1, 6, 2, 4, 3, 5)  # [B, F, C, h, ph, w, pw]
-        return x.reshape(B, num_frames, C, height, width)  # [B, F, C, H, W]
+        return rearrange(tokens, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=num_frames, h=height // ph,
+                         w=width // pw, ph=ph, pw=pw)
 
     def time_embeddings(self, t):
         """t [B, F] -> e [B, F, D] (for the head) and e0 [B, F, 6, D] (for the blocks), both fp32."""
@@ -572,7 +571,7 @@ class CausalWanModel(nn.Module):
         angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, start_frame, cfg.rope_max_positions,
                              device=x.device)  # [F·S, d/2]
         if mode == "teacher_forcing":
-            # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (method_spec §10.22)
+            # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (as the official code does)
             clean_t = torch.zeros_like(t) if clean_t is None else clean_t
             assert clean_t.shape == t.shape, f"clean_t must be [B, F], got {tuple(clean_t.shape)}"
             tokens = torch.cat([self.patchify(clean_x).float(), tokens], dim=1)  # [B, 2F·S, D]
@@ -669,7 +668,7 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
                  t (the distilled students); "euler": deterministic Euler on the flow ODE, the last step to σ=0
                  (multi-step AR-diffusion teachers)
     context_t    timestep of the context pass that writes each finished block into the cache (0 = clean; > 0
-                 adds fresh noise at that level first, the "context noise" of method_spec §8.1)
+                 adds fresh noise at that level first: the official "context noise")
     prefix       [B, P, C, H, W] clean latents written into the cache before generation (I2V: the image frame)
     teacher_context [B, F, C, H, W] if given, the context pass writes these frames instead of the generated
                  ones (generation conditioned on a ground-truth prefix, as the causal-ODE teacher does)
@@ -772,7 +771,7 @@ class WeightLoadError(RuntimeError):
     """A checkpoint that does not fit the model. The message is one line naming the format and the keys."""
 
 
-# original Wan name -> diffusers name (wan_spec §4.3); a bijection on the full key set
+# original Wan name -> diffusers name (docs/wan_formats.md); a bijection on the full key set
 _TOP_LEVEL_TO_DIFFUSERS = {
     "patch_embedding": "patch_embedding",
     "time_embedding.0": "condition_embedder.time_embedder.linear_1",
@@ -970,7 +969,7 @@ def config_from_checkpoint(path):
 
 
 # -----------------------------------------------------------------------------
-# smoke run: `python model.py` (make demo until sample.py exists)
+# smoke run: `python model.py` (random toy weights: cache == block-causal, one generate() call)
 
 if __name__ == "__main__":
     import time

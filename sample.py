@@ -37,7 +37,7 @@ import model as M
 
 DEFAULT_CKPT = "checkpoints/toy/dmd_2step"
 FEW_STEP_LISTS = {1: [1000], 2: [1000, 500], 4: [1000, 750, 500, 250]}  # nominal; warped with the shift on use
-FIRST_BLOCK_STEPS = FEW_STEP_LISTS[4]  # ASD: the first block of a 1/2-step model takes 4 steps (paper §3.3)
+FIRST_BLOCK_STEPS = FEW_STEP_LISTS[4]  # ASD: the first block of a 1/2-step model takes 4 steps (paper §4.1)
 STUDENT_STAGES = ("stage2_cd", "stage2_ode", "stage3_dmd")
 
 

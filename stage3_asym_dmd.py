@@ -1,5 +1,5 @@
 """
-Stage 3 of Causal Forcing++: asymmetric DMD with student self-rollout (paper §2.2 "Stage 3", §4.1; method_spec §6).
+Stage 3 of Causal Forcing++: asymmetric DMD with student self-rollout (paper §2.2 "Stage 3", §4.1).
 
 The causal-CD student of Stage 2 (a few-step AR generator G_θ) is refined by distribution matching distillation
 against a *bidirectional* teacher — "asymmetric": the student is causal, the scores are not:
@@ -15,7 +15,7 @@ against a *bidirectional* teacher — "asymmetric": the student is causal, the s
                  5 critic updates per generator update.
 
 Units: one `step` here is one generator update (and its 5 critic updates). The official code counts critic
-iterations, so its "1K steps" = 200 of ours, and its EMA start at iteration 200 = our step 40 (method_spec §10.6).
+iterations, so its "1K steps" = 200 of ours, and its EMA start at iteration 200 = our step 40 (docs/official_code.md).
 
 Launch:
   python stage3_asym_dmd.py --config configs/toy/dmd_2step.yaml                 # toy, CPU, a few minutes
@@ -62,7 +62,7 @@ class Config:
     timestep_shift: float = 5.0
     context_t: float = 0.0            # t of the context pass that writes a finished block into the cache
     # DMD
-    real_guidance_scale: float = 4.0  # u + w(c − u); the official c + 3(c − u) is w = 4 (method_spec §10.2)
+    real_guidance_scale: float = 4.0  # u + w(c − u); the official c + 3(c − u) is w = 4
     dmd_min_t: float = 20.0
     dmd_max_t: float = 980.0
     critic_updates: int = 5           # critic updates per generator update
@@ -97,7 +97,7 @@ class Config:
 
 
 # -----------------------------------------------------------------------------
-# self-rollout with the KV cache (method_spec §6.3), as a pure function
+# self-rollout with the KV cache (paper §2.2, Stage 3), as a pure function
 
 
 def randn_like(x, generator):
@@ -165,13 +165,13 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
 
 
 # -----------------------------------------------------------------------------
-# the DMD generator loss and the critic loss (method_spec §6.4–6.5), as pure functions
+# the DMD generator loss and the critic loss (paper §2.2, Stage 3; DMD eq. 7–8), as pure functions
 
 
 def sample_dmd_timesteps(generators, shift, min_t, max_t):
     """One t per sample (one generator each): u ~ U{0, …, 999}/1000, t = 1000·shift(u), clamped to [min_t, max_t]
-    (≈9% of draws land on max_t at shift 5). σ = t/1000 exactly (the official code looks σ up on a grid,
-    §10.10). -> [B] float32 on the generators' device."""
+    (≈9% of draws land on max_t at shift 5). σ = t/1000 exactly (the official code looks σ up on a grid;
+    docs/official_code.md). -> [B] float32 on the generators' device."""
     u = torch.stack([torch.randint(0, 1000, (), generator=g, device=g.device) for g in generators]).double() / 1000.0
     return (1000.0 * M.shift_sigma(u, shift)).clamp(min_t, max_t).float()
 

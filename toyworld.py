@@ -13,7 +13,7 @@ It replaces the three things that make real video distillation expensive or unme
 and adds what real data lacks: a ground truth. ToyBench scores generated clips with deterministic pixel
 metrics (no learned models), aggregated the way VBench aggregates (quality 4 : semantic 1).
 
-Conventions (DESIGN.md §3): pixel videos are float [B, T, 3, H, W] in [-1, 1]; latents [B, F, C, h, w].
+Conventions (README): pixel videos are float [B, T, 3, H, W] in [-1, 1]; latents [B, F, C, h, w].
 This file imports only torch (transformers lazily, inside ToyTextEncoder), never diffusers.
 """
 
@@ -300,7 +300,7 @@ def tokenize(prompts, text_len=TOY_TEXT_LEN):
 
 class ToyTextEncoder:
     """Tiny frozen umT5 encoder (2 layers, d_model 32): prompts -> [B, TOY_TEXT_LEN, TOY_TEXT_DIM] float32,
-    rows after each prompt's </s> exactly zero, as Wan's text pipeline produces (wan_spec §3.4).
+    rows after each prompt's </s> exactly zero, as Wan's text pipeline produces (docs/wan_formats.md).
 
     The weights are drawn by this file from a fixed seed, parameter by parameter in name order, instead of
     relying on transformers' initialisers: shipped toy checkpoints depend on these exact embeddings, and a

@@ -5,16 +5,16 @@ The VBench standard-mode protocol in three resumable steps (docs/evaluation.md).
 
   1. generate (with --ckpt)  every distinct prompt of --prompts x --samples (default 5) videos, sharded over
      torchrun ranks, as OUT/videos/{full prompt}-{i}.mp4 at 16 fps — the names VBench's standard mode looks
-     for (eval_spec §1.5). --extended_prompts (a file aligned line by line) generates from the long text and
-     names by the short one (eval_spec §1.9). Finished videos are skipped on a rerun; every video's seed is
+     for (docs/evaluation.md). --extended_prompts (a file aligned line by line) generates from the long text and
+     names by the short one. Finished videos are skipped on a rerun; every video's seed is
      recorded (OUT/manifest.rank{r}.jsonl journals, merged into OUT/manifest.jsonl). First-frame latency and
      throughput, without decoding (as the paper reports them, §4 and Table 1) and with it, are measured on the way:
      latency = prompt encoded -> first block of latents done (frame 0, with its 4-step ASD list), + its streamed
      VAE decode; throughput = decoded frames / generation seconds (+ all decoding). Medians in OUT/timing.json.
   2. evaluate (with --vbench_cmd)  VBench runs in its own environment (it pins transformers 4.33.2 and
-     numpy < 2, eval_spec §1.1), one call per dimension, offline: weights come from $VBENCH_CACHE_DIR and the
-     files each requested dimension needs are checked before anything else happens (eval_spec §1.8).
-  3. aggregate  Total / Quality / Semantic with VBench's normalisation constants and weights (eval_spec §1.3);
+     numpy < 2), one call per dimension, offline: weights come from $VBENCH_CACHE_DIR and the
+     files each requested dimension needs are checked before anything else happens.
+  3. aggregate  Total / Quality / Semantic with VBench's normalisation constants and weights;
      a missing dimension is an error, never a silent 0. Table on stdout, OUT/scores.json and OUT/scores.csv.
 
   torchrun --standalone --nproc_per_node=8 vbench_eval.py --suite vbench --ckpt runs/dmd \\
@@ -33,7 +33,7 @@ The VBench standard-mode protocol in three resumable steps (docs/evaluation.md).
 venv's python with VBench's evaluate.py); for each dimension we append `--videos_path OUT/videos --dimension D
 --output_path OUT/vbench_results/D --load_ckpt_from_local True`, run it with HF_HUB_OFFLINE=1, and read
 OUT/vbench_results/D/*_eval_results.json (a dimension whose result is newer than every video is reused).
-The four GRiT dimensions need detectron2 in the VBench environment (eval_spec §1.1); --dimensions evaluates
+The four GRiT dimensions need detectron2 in the VBench environment; --dimensions evaluates
 a subset (the table then shows raw scores only: Total/Quality/Semantic need all 16).
 Bad input is one line (SystemExit) before any file is written; videos are written to a temporary name and
 renamed, so an interrupted run leaves no partial mp4 under its final name.
@@ -58,7 +58,7 @@ import sample
 # VBench constants
 
 # key -> (group, weight, Min, Max). VBench's scripts/constant.py (same numbers in the leaderboard app), as
-# transcribed in eval_spec §1.2/§1.3. Result-JSON keys use underscores; constant.py spells them with spaces.
+# listed in docs/evaluation.md. Result-JSON keys use underscores; constant.py spells them with spaces.
 VBENCH_DIMENSIONS = {
     "subject_consistency": ("quality", 1.0, 0.1462, 1.0),
     "background_consistency": ("quality", 1.0, 0.2615, 1.0),
@@ -77,9 +77,9 @@ VBENCH_DIMENSIONS = {
     "temporal_style": ("semantic", 1.0, 0.0, 0.364),
     "overall_consistency": ("semantic", 1.0, 0.0, 0.364),
 }
-QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0   # Total = (4·Quality + 1·Semantic) / 5 (eval_spec §1.3)
+QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0   # Total = (4·Quality + 1·Semantic) / 5
 
-# Files each dimension loads from $VBENCH_CACHE_DIR with local=True: eval_spec §1.8, read from VBench's
+# Files each dimension loads from $VBENCH_CACHE_DIR with local=True, read from VBench's
 # vbench/utils.py::init_submodules, the dimension files and pretrained/*/model_path.txt. A trailing "/" is a
 # directory (DINO is loaded from a git clone through torch.hub). temporal_flickering needs no weights.
 REQUIRED_WEIGHT_FILES = {
@@ -100,13 +100,13 @@ REQUIRED_WEIGHT_FILES = {
     "temporal_style": ("ViCLIP/ViClip-InternVid-10M-FLT.pth", "ViCLIP/bpe_simple_vocab_16e6.txt.gz"),
     "overall_consistency": ("ViCLIP/ViClip-InternVid-10M-FLT.pth", "ViCLIP/bpe_simple_vocab_16e6.txt.gz"),
 }
-# ... and what GRiT and Tag2Text read from the Hugging Face hub cache instead (eval_spec §1.8, last row)
+# ... and what GRiT and Tag2Text read from the Hugging Face hub cache instead (docs/evaluation.md)
 REQUIRED_HUB_MODELS = {dimension: ("bert-base-uncased",) for dimension in
                        ("object_class", "multiple_objects", "color", "spatial_relationship", "scene")}
 
-SAMPLES_PER_PROMPT = 5      # standard mode looks for {prompt}-0 ... {prompt}-4 (eval_spec §1.5)
+SAMPLES_PER_PROMPT = 5      # standard mode looks for {prompt}-0 ... {prompt}-4
 VBENCH_FPS = 16             # the real fps: the container fps changes dynamic_degree's frame sampling (§3)
-MAX_FILENAME_BYTES = 255    # NAME_MAX; VBench's longest prompt gives 216 bytes (eval_spec §1.5)
+MAX_FILENAME_BYTES = 255    # NAME_MAX; VBench's longest prompt gives 216 bytes
 TEMPORARY_SUFFIX = ".tmp.mp4"   # sample.VideoWriter writes {name}.tmp.mp4 and renames it when done
 VIDEO_SEED_STRIDE = 2       # sample.sample_one draws noise from seed and re-noising from seed + 1
 
@@ -126,7 +126,7 @@ def video_filename(prompt, index):
         raise VBenchError(f"prompt {prompt!r} is empty or has leading/trailing whitespace")
     if "/" in prompt or "\0" in prompt:
         raise VBenchError(f"prompt {prompt[:60]!r}... contains '/' or NUL, which cannot be part of a file name "
-                          f"(no VBench prompt does, eval_spec §1.4)")
+                          f"(no VBench prompt does)")
     name = f"{prompt}-{index}.mp4"
     longest = len((name + TEMPORARY_SUFFIX).encode("utf-8"))   # the name while the video is being written
     if longest > MAX_FILENAME_BYTES:
@@ -196,7 +196,7 @@ def check_fractions(per_dimension_raw):
 
 def normalise(dimension, raw):
     """(raw − Min) / (Max − Min) with VBench's constants; raw is the fraction VBench writes. Not clamped
-    (VBench does not clamp either, eval_spec §1.3)."""
+    (VBench does not clamp either)."""
     _, _, minimum, maximum = VBENCH_DIMENSIONS[check_dimensions([dimension])[0]]
     return (raw - minimum) / (maximum - minimum)
 
@@ -205,7 +205,7 @@ def aggregate(per_dimension_raw):
     """{dimension: raw fraction} for all 16 -> {'total', 'quality', 'semantic', 'normalised': {...}}.
     Quality / Semantic = weighted mean of the normalised scores of their group (weights sum to 6.5 and 9);
     Total = (4·Quality + 1·Semantic) / 5. A missing dimension is refused: VBench's cal_final_score.py would
-    count it as 0, which is wrong and, for dimensions with Min > 0, even negative (eval_spec §1.3)."""
+    count it as 0, which is wrong and, for dimensions with Min > 0, even negative (docs/evaluation.md)."""
     check_dimensions(list(per_dimension_raw))
     missing = [d for d in VBENCH_DIMENSIONS if d not in per_dimension_raw]
     if missing:
@@ -224,7 +224,7 @@ def aggregate(per_dimension_raw):
 
 def parse_vbench_results(data, source="VBench result"):
     """VBench's {name}_eval_results.json = {dimension: [aggregate score, [per-video results]]}
-    (eval_spec §1.7) -> {dimension: aggregate score}."""
+    -> {dimension: aggregate score}."""
     if not isinstance(data, dict):
         raise VBenchError(f"{source}: expected a JSON object {{dimension: [score, per-video list]}}")
     scores = {}
@@ -472,7 +472,7 @@ def check_vbench_environment(command, dimensions):
     cache_dir = os.environ.get("VBENCH_CACHE_DIR")
     if not cache_dir or not os.path.isdir(cache_dir):
         raise VBenchError(f"VBENCH_CACHE_DIR={cache_dir!r} is not a directory: point it at the VBench weights "
-                          f"(eval_spec §1.8 lists them); nothing is downloaded")
+                          f"(docs/evaluation.md lists them); nothing is downloaded")
     missing = missing_weight_files(cache_dir, dimensions)
     if missing:
         raise VBenchError(f"VBENCH_CACHE_DIR={cache_dir} lacks {len(missing)} weight file(s) for "

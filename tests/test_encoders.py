@@ -18,7 +18,7 @@ WORDS = "a red circle moves left quickly blue square stays still & b c".split()
 
 
 def hf_t5_to_wan(state_dict):
-    """Inverse of the wan_spec §3.3 map, written independently of encoders.T5_BLOCK_KEYS."""
+    """Inverse of the Wan -> HF umT5 key map, written independently of encoders.T5_BLOCK_KEYS."""
     out = {}
     for key, value in state_dict.items():
         if key == "encoder.embed_tokens.weight":
@@ -119,7 +119,7 @@ TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, a
 
 
 def diffusers_vae_to_wan(state_dict):
-    """Inverse of diffusers' convert_wan_vae_to_diffusers (wan_spec §5.4), written by hand."""
+    """Inverse of diffusers' convert_wan_vae_to_diffusers (docs/wan_formats.md), written by hand."""
     res = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
            "conv_shortcut": "shortcut"}
     out = {}
@@ -154,7 +154,7 @@ def test_inverse_vae_map_gives_wan_key_names():
     from diffusers import AutoencoderKLWan
     with torch.device("meta"):
         keys = diffusers_vae_to_wan(AutoencoderKLWan().state_dict())   # the real Wan2.1 config, no memory
-    assert len(keys) == 194, "Wan2.1_VAE.pth has 194 tensors (wan_spec §3.5)"
+    assert len(keys) == 194, "Wan2.1_VAE.pth has 194 tensors"
     for k in ["conv1.weight", "conv2.bias", "encoder.conv1.weight", "encoder.downsamples.5.time_conv.weight",
               "encoder.downsamples.3.shortcut.weight", "encoder.middle.1.to_qkv.weight", "encoder.head.2.weight",
               "decoder.upsamples.4.shortcut.weight", "decoder.upsamples.7.time_conv.weight",

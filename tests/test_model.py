@@ -1,4 +1,4 @@
-"""Invariants of model.py (DESIGN §4): masks, cache == block-causal, teacher forcing == cached context,
+"""Invariants of model.py (its docstring, README "Conventions"): masks, cache == block-causal, teacher forcing == cached context,
 causality, generate() bookkeeping and the flow-matching helpers, with hand-computed values."""
 import math
 import subprocess
@@ -44,7 +44,7 @@ def rel_err(a, b):
 
 
 def test_teacher_forcing_mask_matches_hand_example():
-    # 3 frames of 2 tokens, frame-wise: rows = queries [clean 0..5 | noisy 6..11], method_spec §2.2(b)
+    # 3 frames of 2 tokens, frame-wise: rows = queries [clean 0..5 | noisy 6..11], the official teacher-forcing mask
     mask = M.dense_mask(M.teacher_forcing_rule(6, 2), 12).int()
     expected = torch.tensor([
         # clean c0 c0 c1 c1 c2 c2 | noisy n0 n0 n1 n1 n2 n2
@@ -173,7 +173,7 @@ def test_uniform_t_broadcast_and_per_frame_modulation():
 
 
 def test_context_is_not_masked_pad_rows_count():
-    # Wan attends all text_len rows: the zero pad rows are part of the input (wan_spec §1.5)
+    # Wan attends all text_len rows: the zero pad rows are part of the input (docs/wan_formats.md)
     model = tiny_model(1)
     x, context, _ = inputs(model)
     t = torch.full((2, 6), 500.0)

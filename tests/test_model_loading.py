@@ -1,9 +1,9 @@
 """Parity and weight-loading tests for model.py (CausalWanModel + load_weights).
 
 Everything is tiny, fp32 and CPU-only; no network, no files outside the repo.
-The reference implementation is diffusers' WanTransformer3DModel (wan_spec §4.4).
+The reference implementation is diffusers' WanTransformer3DModel.
 The Wan <-> diffusers key table below is written out independently of model.py
-(wan_spec §4.3) so that model.py's own mapping is checked, not reused.
+(docs/wan_formats.md) so that model.py's own mapping is checked, not reused.
 
 Run `pytest -s tests/test_model_loading.py` to see the measured parity errors.
 """
@@ -52,7 +52,7 @@ def tiny_cfg(num_heads=2, head_dim=32, layers=LAYERS):
 
 
 def wan_config_json(cfg):
-    """config.json as shipped with the original Wan checkpoints (wan_spec §3.1)."""
+    """config.json as shipped with the original Wan checkpoints."""
     return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v",
             "dim": cfg.dim, "eps": 1e-06, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim,
             "in_dim": cfg.in_dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
@@ -122,7 +122,7 @@ def rel_err(out, ref):
     return abs_err, abs_err / ref.abs().max().item()
 
 
-# Independent per-key table, original Wan -> diffusers (wan_spec §4.3).
+# Independent per-key table, original Wan -> diffusers.
 _TOP = {
     "time_embedding.0": "condition_embedder.time_embedder.linear_1",
     "time_embedding.2": "condition_embedder.time_embedder.linear_2",

@@ -1,0 +1,67 @@
+"""toy_eval.py, split out of vbench_eval.py: each command has its own --help, `score` samples a checkpoint the way
+the checkpoint says (and refuses a frame-wise rollout of a bidirectional model), and vbench_eval points there."""
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_frame_wise_checkpoint
+
+import common
+import model as M
+import toy_eval
+import vbench_eval
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def help_of(*args):
+    result = subprocess.run([sys.executable, str(REPO / "toy_eval.py"), *args, "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_each_command_has_its_own_help():
+    score, ablation = help_of("score"), help_of("ablation")
+    assert "--ckpt" in score and "--sample_steps" in score and "--ablation" not in score
+    assert "--ckpt" not in ablation and "Stage 3" in ablation
+    assert "score" in help_of() and "ablation" in help_of()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_eval")
+    student = tiny_frame_wise_checkpoint(root / "student", num_frames=12)
+    torch.manual_seed(0)
+    base = M.CausalWanModel(M.WanConfig.from_preset("toy", num_layers=1, causal=False))
+    base_dir = common.save_checkpoint(str(root / "base"), 1, {"model": base.state_dict()}, {"step": 1},
+                                      {"model_config": asdict(base.cfg), "stage": "stage1",
+                                       "run_config": dict(text_encoder="toy", codec="toy")})
+    return student, base_dir
+
+
+def test_score_samples_a_student_with_its_few_step_rollout(checkpoints, tmp_path):
+    student, _ = checkpoints
+    out = tmp_path / "scores.json"
+    scores = toy_eval.main(["score", "--ckpt", student, "--samples", "1", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["sampling"] == "2-step, first block 1000,750,500,250"
+    assert 0.0 <= written["total"] <= 1.0 and written["total"] == pytest.approx(scores["total"])
+    assert len(scores["per_video"]) == 23  # the held-out prompts, once each
+
+
+def test_score_refuses_a_frame_wise_rollout_of_a_bidirectional_model(checkpoints):
+    _, base = checkpoints
+    with pytest.raises(SystemExit, match="toy_eval.py: error: .* is a bidirectional model") as error:
+        toy_eval.main(["score", "--ckpt", base, "--steps", "2", "--samples", "1"])
+    assert "\n" not in str(error.value)
+
+
+def test_vbench_eval_points_toy_users_to_toy_eval(capsys):
+    with pytest.raises(SystemExit):
+        vbench_eval.main(["--suite", "toy", "--ckpt", "x"])
+    assert "toy_eval.py score" in capsys.readouterr().err
