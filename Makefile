@@ -2,9 +2,9 @@
 # make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite
 # make toy  — the whole toy pipeline from the shipped base: Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step),
 #             then ToyBench on held-out prompts and a few videos (re-running continues finished/stopped runs)
-# make ablation — the paper's Table 2 on the toy world: Stage 3 from the Stage-1 model, causal ODE and causal CD
-#             at 1, 2 and 4 steps, as in the README (~70 min on 2 cores after make toy; finished runs are
-#             reused). ABLATION_STEPS=2 runs one column (~25 min).
+# make ablation — the paper's Table 2 on the toy world (toy_eval.py ablation): Stage 3 from the Stage-1 model,
+#             causal ODE and causal CD at 1, 2 and 4 steps, as in docs/results.md (about an hour on 2 cores
+#             after make toy; finished runs are reused). ABLATION_STEPS=2 runs one column.
 ABLATION_STEPS ?= 1 2 4
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -33,13 +33,13 @@ toy: $(VENV)/.installed
 	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/tf.yaml --resume=true
 	$(PYTHON) stage2_causal_cd.py --config configs/toy/cd.yaml --resume=true
 	$(PYTHON) stage3_asym_dmd.py --config configs/toy/dmd_2step.yaml --resume=true
-	$(PYTHON) vbench_eval.py --suite toy --ckpt runs/toy/dmd_2step --use_ema --steps 2 --samples 2
+	$(PYTHON) toy_eval.py score --ckpt runs/toy/dmd_2step --use_ema --samples 2
 	$(PYTHON) sample.py --ckpt runs/toy/dmd_2step --use_ema $(DEMO_PROMPTS) --out samples/toy --score
 
 ablation: $(VENV)/.installed
 	test -d data/toy || $(PYTHON) prepare_data.py --toy 8192 --out data/toy
 	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/tf.yaml --resume=true
-	$(PYTHON) vbench_eval.py --suite toy --ablation --ablation_steps $(ABLATION_STEPS) --samples 2 --json runs/toy/ablation.json
+	$(PYTHON) toy_eval.py ablation --steps $(ABLATION_STEPS) --samples 2 --json runs/toy/ablation.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -631,6 +631,12 @@ def v_from_x0(x_t, x0, t):
     return ((x_t.float() - x0.float()) / sigma).to(x_t.dtype)
 
 
+def guided(cond, uncond, scale):
+    """Classifier-free guidance u + w·(c − u), the one form used everywhere (the official real score's
+    c + 3·(c − u) is w = 4)."""
+    return uncond + scale * (cond - uncond)
+
+
 def shift_sigma(sigma, shift=5.0):
     """Timestep shift: σ' = sσ / (1 + (s−1)σ). Wan-1.3B uses s = 5."""
     return shift * sigma / (1 + (shift - 1) * sigma)
@@ -707,8 +713,7 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
         t = torch.full((run_batch, x.shape[1]), float(t_value), device=x.device)
         v = model(x_in, t, run_context, cache=cache, start_frame=start)
         if use_cfg:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            v = guided(*v.chunk(2), guidance_scale)
         return v
 
     def context_pass(x0, start):
@@ -754,8 +759,8 @@ def generate_bidirectional(model, noise, context, *, steps, uncond_context=None,
     for i, t_value in enumerate(steps):
         t = torch.full((2 * B if use_cfg else B, num_frames), float(t_value), device=noise.device)
         if use_cfg:
-            v_cond, v_uncond = model(torch.cat([x, x]), t, torch.cat([context, uncond_context]), causal=False).chunk(2)
-            v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            v = guided(*model(torch.cat([x, x]), t, torch.cat([context, uncond_context]), causal=False).chunk(2),
+                       guidance_scale)
         else:
             v = model(x, t, context, causal=False)
         t_next = steps[i + 1] if i + 1 < len(steps) else 0.0

@@ -18,7 +18,7 @@ Units: one `step` here is one generator update (and its 5 critic updates). The o
 iterations, so its "1K steps" = 200 of ours, and its EMA start at iteration 200 = our step 40 (docs/official_code.md).
 
 Launch:
-  python stage3_asym_dmd.py --config configs/toy/dmd_2step.yaml                 # toy, CPU, a few minutes
+  python stage3_asym_dmd.py --config configs/toy/dmd_2step.yaml                 # toy, CPU, ~12 min
   torchrun --nproc_per_node=8 stage3_asym_dmd.py --config configs/dmd.yaml      # frame-wise 2-step, paper
   ... --resume=true continues a stopped run to the same result.
 """
@@ -181,7 +181,7 @@ def real_score_x0(real_score, x_t, t, context, uncond_context, guidance_scale):
     x_t [B, F, C, H, W]; t [B, F]."""
     v_cond, v_uncond = real_score(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, uncond_context]),
                                   causal=False).float().chunk(2)
-    return M.x0_from_v(x_t.float(), v_uncond + guidance_scale * (v_cond - v_uncond), t)
+    return M.x0_from_v(x_t.float(), M.guided(v_cond, v_uncond, guidance_scale), t)
 
 
 def dmd_gradient(x, x0_fake, x0_real):
