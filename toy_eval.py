@@ -12,7 +12,7 @@ Table 2 in miniature. Two commands, each with its own --help:
     python toy_eval.py score --ckpt runs/toy/tf --use_ema                     # AR diffusion, 40 steps, CFG 3
     python toy_eval.py score --ckpt checkpoints/toy/base                      # the bidirectional base
 
-  ablation  Table 2 (paper §4.3): which Stage-2 initialisation makes the best Stage-3 student? The same toy
+  ablation  Table 2 (paper §4.2): which Stage-2 initialisation makes the best Stage-3 student? The same toy
             Stage-3 config (configs/toy/dmd_{n}step.yaml) runs from the Stage-1 model itself, the causal-ODE
             student and the causal-CD student (finished runs are reused, stopped ones continued), and every EMA
             generator is scored like `score`, with the Stage-2 cost (teacher forwards, seconds, bytes stored).

@@ -17,16 +17,16 @@ The VBench standard-mode protocol in three resumable steps (docs/evaluation.md).
   3. aggregate  Total / Quality / Semantic with VBench's normalisation constants and weights;
      a missing dimension is an error, never a silent 0. Table on stdout, OUT/scores.json and OUT/scores.csv.
 
-  torchrun --standalone --nproc_per_node=8 vbench_eval.py --suite vbench --ckpt runs/dmd \\
+  torchrun --standalone --nproc_per_node=8 vbench_eval.py --ckpt runs/dmd \\
       --wan_dir wan_models/Wan2.1-T2V-1.3B --prompts VBench/prompts/all_dimension.txt \\
       --extended_prompts VBench/prompts/augmented_prompts/Wan2.1-T2V-1.3B/all_dimension_aug_wanx_seed42.txt \\
       --out eval/dmd                                                     # generate 946 prompts x 5 on 8 GPUs
-  VBENCH_CACHE_DIR=/data/vbench_weights python vbench_eval.py --suite vbench \\
+  VBENCH_CACHE_DIR=/data/vbench_weights python vbench_eval.py \\
       --prompts VBench/prompts/all_dimension.txt --out eval/dmd \\
       --vbench_cmd "/opt/vbench-venv/bin/vbench evaluate --ngpus 8"      # evaluate them, then aggregate
-  python vbench_eval.py --suite vbench --results a_eval_results.json b_eval_results.json --out eval/x
+  python vbench_eval.py --results a_eval_results.json b_eval_results.json --out eval/x
                                                                         # aggregate VBench result files only
-  python vbench_eval.py --suite vbench --ckpt runs/dmd --prompts p.txt --rank 3 --world_size 8 --out eval/dmd
+  python vbench_eval.py --ckpt runs/dmd --prompts p.txt --rank 3 --world_size 8 --out eval/dmd
                                                                         # one shard as a separate job (SLURM)
 
 --vbench_cmd is the start of a command line (VBench's `vbench evaluate` entry point of another venv, or that

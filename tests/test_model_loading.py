@@ -339,7 +339,7 @@ def test_diffusers_sharded(ref, tmp_path):
 
 
 def test_diffusers_names_with_unknown_key_rejected(ref, tmp_path):
-    """Diffusers folder where one tensor has a name outside the §4.3 table -> error naming both sides."""
+    """Diffusers folder where one tensor has a name outside the Wan -> diffusers key table -> error naming both sides."""
     dsd = {k: v.detach().clone().contiguous() for k, v in ref["dm"].state_dict().items()}
     dsd["blocks.1.attn2.to_out.weight"] = dsd.pop("blocks.1.attn2.to_out.0.weight")
     dst = tmp_path / "transformer"
