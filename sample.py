@@ -381,29 +381,34 @@ class VideoWriter:
 # main
 
 
+def add_sampling_arguments(p):
+    """The flags that choose a checkpoint's sampling and video size: sample.py's and vbench_eval.py's, one set."""
+    p.add_argument("--use_ema", action="store_true", help="the EMA weights (training checkpoints, official .pt)")
+    p.add_argument("--wan_dir", help="Wan2.1 folder: text encoder and VAE (and the architecture for a .pt)")
+    p.add_argument("--steps", type=int, choices=sorted(FEW_STEP_LISTS), help="few-step rollout: denoising steps "
+                   "per frame (students: default 2)")
+    p.add_argument("--first_frame_steps", default="default",
+                   help="nominal list of the first frame (default: the ASD list 1000,750,500,250); 'none' = the "
+                   "same list as every frame")
+    p.add_argument("--sample_steps", type=int, help=f"multi-step Euler sampling (Stage-1 AR diffusion and "
+                   f"bidirectional models: default {Sampling.sample_steps})")
+    p.add_argument("--cfg", type=float, default=Sampling.cfg, help="CFG weight of multi-step sampling")
+    p.add_argument("--shift", type=float, default=Sampling.shift, help="timestep shift of the step lists")
+    p.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
+    p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length)")
+    p.add_argument("--height", type=int, help="video height in pixels (Wan default 480)")
+    p.add_argument("--width", type=int, help="video width in pixels (Wan default 832)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several videos)")
     p.add_argument("--prompt_file", help="one prompt per line")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="our checkpoint or run directory, a Wan folder, or an "
                    "official Causal-Forcing .pt (with --wan_dir)")
-    p.add_argument("--use_ema", action="store_true", help="the EMA weights (training checkpoints, official .pt)")
-    p.add_argument("--wan_dir", help="Wan2.1 folder: text encoder and VAE (and the architecture for a .pt)")
-    p.add_argument("--steps", type=int, choices=[1, 2, 4], help="few-step rollout: denoising steps per frame "
-                   "(students: default 2)")
-    p.add_argument("--first_frame_steps", default="default",
-                   help="nominal list of the first frame (default: the ASD list 1000,750,500,250); 'none' = the "
-                   "same list as every frame")
-    p.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
-    p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length)")
-    p.add_argument("--height", type=int, help="video height in pixels (Wan default 480)")
-    p.add_argument("--width", type=int, help="video width in pixels (Wan default 832)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="I2V: this image is the first frame (clean context); frame-wise models only")
-    p.add_argument("--sample_steps", type=int, help="multi-step Euler sampling (Stage-1 AR diffusion and "
-                   "bidirectional models: default 40)")
-    p.add_argument("--cfg", type=float, default=3.0, help="CFG weight of multi-step sampling")
-    p.add_argument("--shift", type=float, default=5.0, help="timestep shift of the step lists")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (Wan 16, toy 8)")
     p.add_argument("--scale", type=int, help="nearest-neighbour upscaling of the mp4 (toy default 8)")

@@ -726,10 +726,7 @@ def parse_args(argv=None):
                         help="vbench (the only suite here; 'toy' moved to toy_eval.py)")
     parser.add_argument("--ckpt", help="checkpoint or run directory (its latest), a Wan folder, or an official .pt "
                         "with --wan_dir, as in sample.py")
-    parser.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
-    parser.add_argument("--steps", type=int, choices=[1, 2, 4], help="few-step rollout (students: default 2)")
-    parser.add_argument("--sample_steps", type=int, help="multi-step Euler with CFG (Stage-1 models: default 40)")
-    parser.add_argument("--cfg", type=float, default=3.0, help="CFG weight of multi-step sampling")
+    sample.add_sampling_arguments(parser)
     parser.add_argument("--samples", type=int, default=SAMPLES_PER_PROMPT, help="videos per prompt (VBench's "
                         f"standard mode expects {SAMPLES_PER_PROMPT})")
     parser.add_argument("--seed", type=int, default=0)
@@ -737,14 +734,6 @@ def parse_args(argv=None):
     parser.add_argument("--extended_prompts", help="generate from these lines instead (aligned with --prompts); "
                         "videos keep the --prompts names")
     parser.add_argument("--out", default="vbench_out", help="OUT: videos/, manifest.jsonl, vbench_results/, scores.*")
-    parser.add_argument("--wan_dir", help="Wan2.1 folder: text encoder and VAE (and the architecture for a .pt)")
-    parser.add_argument("--first_frame_steps", default="default", help="the first frame's nominal list (default: "
-                        "the ASD list 1000,750,500,250); 'none' = the same list as every frame")
-    parser.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
-    parser.add_argument("--num_frames", type=int, help="latent frames per video (default: the trained length)")
-    parser.add_argument("--height", type=int, help="video height (Wan default 480)")
-    parser.add_argument("--width", type=int, help="video width (Wan default 832)")
-    parser.add_argument("--shift", type=float, default=5.0, help="timestep shift of the step lists")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rank", type=int, help="this shard when shards run as separate jobs (default: torchrun's)")
     parser.add_argument("--world_size", type=int, help="number of shards when they run as separate jobs")
