@@ -51,8 +51,9 @@ class SampleError(Exception):
 
 @dataclasses.dataclass
 class Sampling:
-    """How a model is sampled. The defaults are the paper's inference settings: 2 steps per frame, 4 for the
-    first frame, shift 5; multi-step models 40 Euler steps with CFG u + w(c − u), w = 3."""
+    """How a model is sampled. Few-step defaults are the paper's (§4.1): 2 steps per frame, 4 for the first
+    frame, shift 5. Multi-step models: 40 Euler steps with CFG u + w(c − u), w = 3 (the official Stage-1
+    inference uses 50 UniPC steps; docs/official_code.md)."""
     mode: str = "few_step"                           # "few_step" (students) or "multi_step" (Euler + CFG)
     steps: tuple = tuple(FEW_STEP_LISTS[2])          # few-step: nominal list of every block
     first_block_steps: tuple | None = tuple(FIRST_BLOCK_STEPS)  # few-step: the first block's list; None = steps
