@@ -120,8 +120,8 @@ def load_for_inference(path, *, use_ema=False, wan_dir=None, frames_per_block=No
     (names for encoders.py) and num_frames (the trained length, or None). An official .pt takes its
     architecture, text encoder and VAE from the Wan folder `wan_dir` ('toy': the toy world's)."""
     if not os.path.exists(path):
-        raise SampleError(f"checkpoint {path!r} not found (train one, or pass --ckpt; the toy models live in "
-                          f"checkpoints/toy/)")
+        hint = common.how_to_make(path) or "train one, or pass --ckpt; the toy models live in checkpoints/toy/"
+        raise SampleError(f"checkpoint {path!r} not found ({hint})")
     resolved = common.resolve_checkpoint(path) if os.path.isdir(path) else path
     stored = {}
     if os.path.isdir(resolved) and os.path.isfile(os.path.join(resolved, "config.json")):
