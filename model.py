@@ -807,6 +807,7 @@ class Rollout:
     def run_batch(self):
         return 2 * self.batch_size if self.use_cfg else self.batch_size
 
+    @torch.no_grad()
     def set_context(self, context, uncond_context=None, mode="cross_attn"):
         """New text conditioning from the next step on (see the class docstring for the two modes)."""
         assert context.shape[0] == self.batch_size and context.ndim == 3, \
@@ -819,12 +820,13 @@ class Rollout:
             return
         self.cache.forget_text()
         if mode == "recache":
-            frames = sorted(self.visible)
+            saved = dict(self.visible)  # the replay prunes self.visible as it goes
+            frames = sorted(saved)
             assert self.cache.rolling or frames == list(range(len(frames))), "re-cache needs every frame since 0"
             self.cache.reset()
             for f0 in range(0, len(frames), self.K):  # replay in slot order; rolling positions come out the same
                 block = frames[f0:f0 + self.K]
-                self._context_pass(torch.cat([self.visible[f] for f in block], dim=1), block[0])
+                self._context_pass(torch.cat([saved[f] for f in block], dim=1), block[0])
 
     def _velocity(self, x, t_value, start):
         x_in = torch.cat([x, x]) if self.use_cfg else x
