@@ -891,7 +891,7 @@ class Rollout:
 @torch.no_grad()
 def generate(model, noise, context, *, steps, first_block_steps=None, sampler="renoise", uncond_context=None,
              guidance_scale=1.0, context_t=0.0, prefix=None, teacher_context=None, generator=None, cache=None,
-             window=None, sink_frames=None, on_block=None):
+             window=None, sink_frames=None, before_block=None, on_block=None):
     """Roll out a video block by block (K = cfg.frames_per_block frames each) with the KV cache.
 
     noise        [B, F, C, H, W] initial noise of the frames to generate
@@ -909,6 +909,8 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
                  ones (generation conditioned on a ground-truth prefix, as the causal-ODE teacher does)
     cache        a KVCache to continue (generation starts at cache.filled_frames); default: a new one
     window, sink_frames  a rolling cache of `window` frames instead (Rollout): F may exceed the RoPE range
+    before_block callback(rollout, start_frame) before each block: change the conditioning from this block on
+                 (e.g. rollout.set_context for a prompt switch)
     on_block     callback(block_index, start_frame, x0_block) after each block, for streaming
     Calls per block: len(steps) (or len(first_block_steps)) + 1 context pass. Returns [B, F, C, H, W].
     """
@@ -928,6 +930,8 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
     outputs = []
     for block, f0 in enumerate(range(0, num_frames, K)):
         start = rollout.frame
+        if before_block is not None:
+            before_block(rollout, start)
         x0 = rollout.step(noise[:, f0:f0 + K],
                           context_frames=teacher_context[:, f0:f0 + K] if teacher_context is not None else None)
         outputs.append(x0)

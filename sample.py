@@ -12,6 +12,12 @@ model (Stage 1) is sampled the same way with Euler steps and CFG (`--sample_step
   python sample.py --ckpt causal_forcing_pp_framewise.pt --use_ema --wan_dir wan_models/Wan2.1-T2V-1.3B --prompt "..."
   python sample.py --image first_frame.png --prompt "..."                          # I2V: the image is frame 0
   python sample.py --ckpt runs/toy/tf --use_ema --sample_steps 40 --cfg 3 --prompt "..."   # Stage-1 AR diffusion
+  python sample.py --prompt "a red circle bounces slowly" --num_frames 2000 --stream     # past the trained length
+  python sample.py --prompt "a red circle bounces slowly" --switch "24:a green square stays still"  # prompt switch
+
+Past the trained clip length the KV cache rolls (model.KVCache): --window frames (default the trained length)
+with --sink_frames kept from the start; per-frame cost and cache memory stay flat. --switch FRAME:PROMPT changes
+the prompt from that latent frame on, by cross-attention only or by re-caching the visible frames (--switch_mode).
 
 Writes OUT/<prompt>-<seed>.mp4 and a PNG contact sheet per prompt; prints first-frame latency and frames/s
 with and without decoding. With --stream each block is decoded as soon as it exists (streaming VAE decode)
@@ -128,9 +134,11 @@ def slug(prompt, limit=80):
 # one video
 
 
-def sample_one(model, info, text, codec, codec_device, prompt, args, shape, prefix=None, writer=None):
+def sample_one(model, info, text, codec, codec_device, prompt, args, shape, prefix=None, writer=None,
+               window=None, switches=()):
     """Generate and decode one video. shape = (F, C, h, w) of the generated latents. With a writer (stream mode)
-    every block is decoded and written as soon as it exists. Returns (video [T, 3, H, W], timings)."""
+    every block is decoded and written as soon as it exists. window: rolling KV cache of that many frames (None =
+    the whole video) or (window, sink frames); switches: [(latent frame, prompt)]. Returns (video [T, 3, H, W], timings)."""
     from tqdm import tqdm
     device = next(model.parameters()).device
     F_, C, h, w = shape
@@ -164,13 +172,21 @@ def sample_one(model, info, text, codec, codec_device, prompt, args, shape, pref
             emit(x0)
         progress.update(x0.shape[1])
 
+    uncond = text.encode([text.negative_prompt]).to(device) if info["multi_step"] else None
+    switch_contexts = {frame + (0 if prefix is None else prefix.shape[1]): text.encode([p]).to(device)
+                       for frame, p in switches}  # keyed by absolute frame (after an I2V prefix)
+
+    def before_block(rollout, start_frame):
+        if start_frame in switch_contexts:
+            rollout.set_context(switch_contexts[start_frame], uncond, mode=args.switch_mode)
+
+    rolling = dict(window=window and window[0], sink_frames=window and window[1], before_block=before_block)
     with torch.no_grad():
         if info["multi_step"]:
             steps = M.timestep_grid(args.sample_steps or 40, args.shift).tolist()
-            uncond = text.encode([text.negative_prompt]).to(device)
             if model.cfg.causal:
                 latents = M.generate(model, noise, context, steps=steps, sampler="euler", uncond_context=uncond,
-                                     guidance_scale=args.cfg, prefix=prefix, on_block=on_block)
+                                     guidance_scale=args.cfg, prefix=prefix, on_block=on_block, **rolling)
             else:  # a bidirectional model (the toy base): the whole clip at once
                 latents = M.generate_bidirectional(model, noise, context, steps=steps, uncond_context=uncond,
                                                    guidance_scale=args.cfg)
@@ -181,7 +197,7 @@ def sample_one(model, info, text, codec, codec_device, prompt, args, shape, pref
             latents = M.generate(model, noise, context, steps=M.warp_timesteps(FEW_STEP_LISTS[args.steps], args.shift),
                                  first_block_steps=first, prefix=prefix,
                                  generator=torch.Generator(device=device).manual_seed(args.seed + 1),
-                                 on_block=on_block)
+                                 on_block=on_block, **rolling)
     sync()
     timings["generate"] = time.time() - start - timings["decode"]
     progress.close()
@@ -238,7 +254,16 @@ def parse_args(argv=None):
     p.add_argument("--first_frame_steps", default="1000,750,500,250",
                    help="nominal list of the first frame (ASD); 'none' = the same list as every frame")
     p.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
-    p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length)")
+    p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length; longer "
+                   "rollouts use a rolling KV cache)")
+    p.add_argument("--window", type=int, help="rolling KV cache of this many frames (default: the trained length "
+                   "when --num_frames exceeds it, else no rolling)")
+    p.add_argument("--sink_frames", type=int, help="frames of the rolling cache kept from the start (default: one "
+                   "block)")
+    p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="from latent frame FRAME on, condition on PROMPT (repeatable; applies to every video)")
+    p.add_argument("--switch_mode", default="recache", choices=["recache", "cross_attn"],
+                   help="prompt switch: re-cache the visible frames under the new prompt, or cross-attention only")
     p.add_argument("--height", type=int, help="video height in pixels (Wan default 480)")
     p.add_argument("--width", type=int, help="video width in pixels (Wan default 832)")
     p.add_argument("--seed", type=int, default=0)
@@ -292,9 +317,34 @@ def main(argv=None):
         raise SampleError(f"--image needs a frame-wise model (frames_per_block 1); this one has {K}")
     if num_frames % K:
         raise SampleError(f"--num_frames {num_frames} is not a whole number of {K}-frame blocks")
-    if prefix_frames + num_frames > cfg.rope_max_positions:
+    trained_frames = info["num_frames"] or default_frames
+    window = args.window
+    if window is None and prefix_frames + num_frames > trained_frames:
+        window = trained_frames
+    if window is not None:
+        if not cfg.causal:
+            raise SampleError("a bidirectional model samples whole clips; --num_frames beyond its length and "
+                              "--window need a causal model")
+        sink = K if args.sink_frames is None else args.sink_frames
+        if window % K or window < sink + K or window > cfg.rope_max_positions:
+            raise SampleError(f"--window {window} must be a multiple of {K}, hold the {sink} sink frames plus one "
+                              f"block, and stay within the RoPE range {cfg.rope_max_positions}")
+        window = (window, sink)
+    elif prefix_frames + num_frames > cfg.rope_max_positions:
         raise SampleError(f"{prefix_frames + num_frames} latent frames exceed the model's RoPE/cache range of "
-                          f"{cfg.rope_max_positions}")
+                          f"{cfg.rope_max_positions}; pass --window to roll the cache")
+    switches = []
+    for item in args.switch:
+        frame, _, switch_prompt = item.partition(":")
+        if not frame.strip().isdigit() or not switch_prompt.strip():
+            raise SampleError(f"--switch {item!r} is not FRAME:PROMPT (e.g. '24:a green square stays still')")
+        frame = int(frame)
+        if not 0 < frame < num_frames or frame % K:
+            raise SampleError(f"--switch frame {frame} must be a block boundary inside the video (0 < frame < "
+                              f"{num_frames}, a multiple of {K})")
+        switches.append((frame, switch_prompt.strip()))
+    if switches and not cfg.causal:
+        raise SampleError("--switch needs a causal (frame-wise or chunk-wise) model")
     if not info["multi_step"] and args.first_frame_steps != "none":
         try:
             [float(s) for s in args.first_frame_steps.split(",")]
@@ -309,7 +359,7 @@ def main(argv=None):
         raise SampleError(f"--height/--width must be multiples of {2 * factor}, got {height}x{width}")
     if toy:
         import toyworld
-        for prompt in prompts:
+        for prompt in prompts + [p for _, p in switches]:
             try:
                 toyworld.tokenize([prompt])
             except AssertionError as e:
@@ -335,7 +385,7 @@ def main(argv=None):
         writer = VideoWriter(mp4, fps, scale)
         try:
             video, timings = sample_one(model, info, text, codec, codec_device, prompt, args, shape, prefix,
-                                        writer if args.stream else None)
+                                        writer if args.stream else None, window, switches)
             if not args.stream:
                 writer.append(video)
             writer.close()
