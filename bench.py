@@ -426,8 +426,8 @@ def bench_prompt_switch(args):
     """Both prompt-switch modes on the toy: roll `--before` frames under prompt A, switch to B, roll `--after`.
     frames until B's colour shows: first k such that ToyBench's colour metric is 1 on frames [k, k+3) after the
     switch (B's colour blob in three consecutive frames); colour(B) / colour(A) over the first 12 frames after the
-    switch; scene jump: mean |pixel change| across the switch divided by the median change between consecutive
-    frames before it (1 = an ordinary frame step)."""
+    switch, with ToyBench's shape and direction ("motion") of B there; scene jump: mean |pixel change| across the
+    switch divided by the median change between consecutive frames before it (1 = an ordinary frame step)."""
     import toyworld
     engine = _engine(args)
     rows = []
@@ -447,21 +447,27 @@ def bench_prompt_switch(args):
                               if toyworld.score_video(after[k:k + 3], b)["colour"] == 1.0), None)
                 steps = (video[1:args.before] - video[:args.before - 1]).abs().mean((1, 2, 3))
                 jump = (video[args.before] - video[args.before - 1]).abs().mean() / steps.median().clamp(min=1e-6)
-                per.append(dict(until=until, colour_new=toyworld.score_video(after[:12], b)["colour"],
-                                colour_old=toyworld.score_video(after[:12], a)["colour"], jump=jump.item()))
+                new = toyworld.score_video(after[:12], b)
+                per.append(dict(until=until, colour_new=new["colour"], shape_new=new["shape"],
+                                direction_new=new["direction"], colour_old=toyworld.score_video(after[:12], a)["colour"],
+                                jump=jump.item()))
                 stream.close()
         shown = [p["until"] for p in per if p["until"] is not None]
         rows.append(dict(mode=mode, runs=len(per), shown=len(shown),
                          mean_frames_until=sum(shown) / max(1, len(shown)), max_frames_until=max(shown, default=None),
                          colour_new=sum(p["colour_new"] for p in per) / len(per),
+                         shape_new=sum(p["shape_new"] for p in per) / len(per),
+                         direction_new=sum(p["direction_new"] for p in per) / len(per),
                          colour_old=sum(p["colour_old"] for p in per) / len(per),
                          scene_jump=sum(p["jump"] for p in per) / len(per)))
     print(f"\nprompt switch after {args.before} frames ({engine.describe()}; {len(SWITCH_PAIRS)} prompt pairs x "
           f"{args.seeds} seeds)")
-    print(f"{'mode':12s}{'shown':>8s}{'frames until':>14s}{'max':>6s}{'colour new':>12s}{'colour old':>12s}{'jump':>8s}")
+    print(f"{'mode':12s}{'shown':>8s}{'frames until':>14s}{'max':>6s}{'colour new':>12s}{'shape new':>11s}"
+          f"{'motion new':>12s}{'colour old':>12s}{'jump':>8s}")
     for r in rows:
         print(f"{r['mode']:12s}{r['shown']:>4d}/{r['runs']:<3d}{r['mean_frames_until']:>14.2f}"
-              f"{str(r['max_frames_until']):>6s}{r['colour_new']:>12.2f}{r['colour_old']:>12.2f}{r['scene_jump']:>8.2f}")
+              f"{str(r['max_frames_until']):>6s}{r['colour_new']:>12.2f}{r['shape_new']:>11.2f}{r['direction_new']:>12.2f}"
+              f"{r['colour_old']:>12.2f}{r['scene_jump']:>8.2f}")
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=2)
     print(f"wrote {args.json}")

@@ -75,10 +75,16 @@ class ServeConfig:
 def parse_config(argv=None):
     """ServeConfig from `--key value` / `--key=value` arguments (one argument per dataclass field)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    def boolean(text):
+        if text.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() == "true"
+
     for f in fields(ServeConfig):
-        kind = {bool: lambda s: {"true": True, "false": False}[s.lower()], int: int, float: float}.get(f.type, str)
-        if f.type in (Optional[int],):
-            kind = int
+        if f.type is bool:  # --use_ema, --use_ema=true, --use_ema false
+            p.add_argument(f"--{f.name}", type=boolean, nargs="?", const=True, default=f.default)
+            continue
+        kind = {int: int, float: float, Optional[int]: int}.get(f.type, str)
         p.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
                        help=f"(default {f.default!r})")
     cfg = ServeConfig(**vars(p.parse_args(argv)))
@@ -223,8 +229,8 @@ class Stream:
         engine = self.engine
         K = engine.model.cfg.frames_per_block
         start = time.perf_counter()
-        noise = torch.randn((1, K, *engine.latent_shape), generator=self.generator, device=engine.device,
-                            dtype=next(engine.model.parameters()).dtype)
+        noise = torch.randn((1, K, *engine.latent_shape), generator=self.generator, device=engine.device)  # fp32,
+        # as sample.py: the latents stay fp32 between steps, only the model computes in bf16 on a GPU
         x0 = self.rollout.step(noise)  # [1, K, C, h, w]
         video = self.decoder.decode_next(x0.float().to(engine.codec_device))[0]  # [t, 3, H, W]
         frames = ((video.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -512,7 +518,7 @@ PAGE = r"""<!doctype html>
          border: 1px solid #444; display: block; margin: 12px 0; }
  #prompt { width: 420px; font: inherit; padding: 4px; }
  button, select { font: inherit; padding: 4px 10px; }
- #stats span { display: inline-block; min-width: 150px; }
+ #stats span { display: inline-block; margin-right: 24px; }
  #message { min-height: 1.4em; margin-top: 8px; }
  #message.error { color: #ff6b6b; } #message.info { color: #8fd18f; }
  .small { color: #888; font-size: 12px; }

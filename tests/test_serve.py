@@ -175,6 +175,35 @@ def test_stream_prompt_switch_bad_prompt_busy_and_closed_tab(server):
     run(scenario())
 
 
+def test_streamed_frames_are_the_rollout_frames(server):
+    """The page gets exactly what model.Rollout + the codec make for the same seed: an in-process Stream with one
+    thread, like the server process (same arithmetic, so bit-identical uint8 frames)."""
+    import aiohttp
+
+    import serve
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await idle(session, server)
+            async with session.ws_connect(server.ws_url) as ws:
+                await ws.receive_json()
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT, seed=3))
+                return await receive(ws, 8, [])
+
+    frames = run(scenario())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = serve.Engine(serve.ServeConfig(ckpt=os.path.join(ROOT, "checkpoints/toy/dmd_2step")))
+        stream = engine.new_stream(engine.encode(OLD_PROMPT), seed=3)
+        expected = [stream.step()[1][0] for _ in range(8)]
+        engine.close()
+    finally:
+        torch.set_num_threads(threads)
+    for (header, payload), frame in zip(frames, expected):
+        assert payload == frame.tobytes(), f"frame {header[0]} differs from the in-process rollout"
+
+
 def test_pause_resume_reset(server):
     import aiohttp
 
