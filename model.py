@@ -17,8 +17,9 @@ four ways to run it, chosen by the arguments of `CausalWanModel.forward`:
                                                   blocks (inference and Stage-3 self-rollout).
 
 Below the network: the flow-matching helpers (σ = t/1000 exactly, x_t = (1-σ)x0 + σε, v = ε - x0),
-`generate()` (the few-step frame-/chunk-wise rollout with the separate first-block step list of the
-paper's ASD trick), and strict weight loading for the original Wan, diffusers, official Causal-Forcing /
+`Rollout` (one block per step(); an optional rolling KV cache for rollouts of any length; prompt switching)
+and `generate()` on top of it (the few-step frame-/chunk-wise rollout with the separate first-block step list
+of the paper's ASD trick), and strict weight loading for the original Wan, diffusers, official Causal-Forcing /
 Self-Forcing `.pt` files and our own checkpoints.
 
 Parameter names are exactly Wan's (`blocks.0.self_attn.q.weight`, ...), so the released weights load with
