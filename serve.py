@@ -295,7 +295,8 @@ class Session:
         try:
             message = json.loads(data)
             kind = message["type"]
-        except (ValueError, KeyError, TypeError):
+            assert isinstance(message, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
             await self.send_json(type="error", message=f"cannot read message {data[:200]!r}: expected JSON with a 'type'")
             return
         if kind == "start":
@@ -305,10 +306,13 @@ class Session:
                     await self.queue_prompt(prompt, message.get("mode"))
                 self.running.set()
                 return
+            seed = message.get("seed", self.engine.cfg.seed)
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                await self.send_json(type="error", message=f"seed must be a non-negative integer, got {seed!r}")
+                return
             context = await self.encode(prompt)
             if context is None:
                 return
-            seed = int(message.get("seed", self.engine.cfg.seed))
             self.stream = await self.run_on_engine(self.engine.new_stream, context, seed)
             self.prompt, self.epoch = prompt, 0
             self.stats["streams_started"] += 1
