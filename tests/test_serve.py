@@ -221,8 +221,10 @@ def test_pause_resume_reset(server):
                 paused_at = (await stats(session, server))["frames_sent"]
                 await asyncio.sleep(0.5)
                 assert (await stats(session, server))["frames_sent"] <= paused_at + 1  # at most the frame in flight
+                await ws.send_str("nonsense")  # not JSON: an error message, and the stream stays usable
                 await ws.send_json(dict(type="resume"))
                 resumed = await receive(ws, 3, messages)
+                assert any(m["type"] == "error" and "nonsense" in m["message"] for m in messages)
                 assert resumed[0][0][0] >= 5
                 await ws.send_json(dict(type="reset"))
                 while not any(m["type"] == "reset" for m in messages):
