@@ -1,5 +1,8 @@
 # make demo — set up .venv, sample four held-out toy prompts with the shipped 2-step model, print ToyBench
-# make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite
+# make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite; the
+#             browser test needs Chromium (make browser) and is reported as SKIPPED with the reason without it
+# make browser — install Debian's chromium for the browser test (root, apt)
+# make serve — the live, steerable stream in the browser (serve.py) with the shipped toy 2-step student
 # make toy  — the whole toy pipeline from the shipped base: Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step),
 #             then ToyBench on held-out prompts and a few videos (re-running continues finished/stopped runs)
 # make ablation — the paper's Table 2 on the toy world (toy_eval.py ablation): Stage 3 from the Stage-1 model,
@@ -12,7 +15,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
                 --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
 
-.PHONY: setup test demo toy ablation clean
+.PHONY: setup test demo serve browser toy ablation clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -23,7 +26,13 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest -rs tests
+
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+serve: $(VENV)/.installed
+	$(PYTHON) serve.py
 
 demo: $(VENV)/.installed
 	$(PYTHON) sample.py $(DEMO_PROMPTS) --out samples/demo --score

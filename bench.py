@@ -4,6 +4,9 @@ Performance measurements. Numbers are printed as a table and written as JSON; no
   python bench.py stage2 --teacher runs/toy/tf --data_dir data/toy      # Stage-2 cost: causal CD vs causal ODE
   python bench.py sampler                                               # rollouts vs FLOP floor, KV cache
   python bench.py stage3-memory --config configs/dmd_small.yaml        # Stage-3 memory estimate per GPU
+  python bench.py stream --frames 1200                                  # live stream: latency vs frame index, RSS
+  python bench.py page                                                  # frames/s as the browser page sees it
+  python bench.py prompt-switch                                         # cross-attention switch vs KV re-cache
 
 stage2 — the paper's efficiency claim (§3.2, Fig. 3(b): ~11,600 vs ~2,900 GPU hours, 1,900 GiB vs 0) on
 the same teacher and data. It times the pieces each method needs and combines them for a run that trains
@@ -314,6 +317,188 @@ def bench_stage3_memory(args):
             json.dump(est, f, indent=2)
 
 
+# -----------------------------------------------------------------------------
+# stream / page / prompt-switch: the live stream of serve.py (rolling cache, endless rollouts)
+
+
+def _engine(args, **overrides):
+    import serve
+    cfg = serve.ServeConfig(ckpt=args.ckpt, **overrides)
+    return serve.Engine(cfg)
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def bench_stream(args):
+    """Per-frame latency against the frame index (flat with the rolling cache) and RSS over a long stream,
+    in process: Stream.step() = noise + denoising steps + context pass + decode of one frame."""
+    import serve
+    engine = _engine(args)
+    stream = engine.new_stream(engine.encode(args.prompt), seed=0)
+    latencies, cpu, rss = [], [], {}
+    checkpoints = sorted({10, 100, 1000, args.frames // 2, args.frames})
+    start = time.perf_counter()
+    for f in range(1, args.frames + 1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        stream.step()
+        latencies.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if f in checkpoints:
+            rss[f] = serve.rss_bytes()
+    total = time.perf_counter() - start
+    first_ms = 1000 * latencies[0]
+
+    # A/B against load from other processes: a stream at frame 20 and one at frame 1000, stepped alternately,
+    # so both see the same machine; their median latencies differ only by what the frame index costs
+    early, late = engine.new_stream(engine.encode(args.prompt), 1), engine.new_stream(engine.encode(args.prompt), 2)
+    for _ in range(19):
+        early.step()
+    for _ in range(999):
+        late.step()
+    paired = {"20": [], "1000": []}
+    for _ in range(args.paired):
+        for name, s_ in (("20", early), ("1000", late)):
+            t0 = time.perf_counter()
+            s_.step()
+            paired[name].append(time.perf_counter() - t0)
+
+    def around(f, half=args.half_window):  # median over frames f-half..f+half (index 1 = first frame)
+        return 1000 * _median(latencies[max(1, f - half) - 1:f + half])
+
+    marks = [f for f in (20, 100, 500, 1000, 2000, 5000, 10000) if f + args.half_window <= args.frames]
+    def around_cpu(f, half=args.half_window):
+        return 1000 * _median(cpu[max(1, f - half) - 1:f + half])
+
+    result = dict(ckpt=args.ckpt, frames=args.frames, threads=torch.get_num_threads(), first_frame_ms=first_ms,
+                  median_ms={f: around(f) for f in marks}, median_cpu_ms={f: around_cpu(f) for f in marks},
+                  paired_median_ms={k: 1000 * _median(v) for k, v in paired.items()},
+                  frames_per_second=args.frames / total, rss_mib={f: v / 2 ** 20 for f, v in rss.items()},
+                  model=engine.describe())
+    print(f"\nstream: {engine.describe()}, {torch.get_num_threads()} threads")
+    print(f"first frame (4-step ASD + context pass + decode): {first_ms:.1f} ms; mean {result['frames_per_second']:.1f} "
+          f"frames/s over {args.frames} frames")
+    print("median per-frame latency (ms) around frame: " + ", ".join(f"{f}: {v:.2f}" for f, v in result["median_ms"].items()))
+    print("median CPU time per frame (ms, all threads) around frame: "
+          + ", ".join(f"{f}: {v:.2f}" for f, v in result["median_cpu_ms"].items()))
+    if 20 in result["median_ms"] and 1000 in result["median_ms"]:
+        result["latency_1000_over_20"] = result["median_ms"][1000] / result["median_ms"][20]
+        result["cpu_1000_over_20"] = result["median_cpu_ms"][1000] / result["median_cpu_ms"][20]
+        print(f"frame 1000 / frame 20: wall {result['latency_1000_over_20']:.3f}, CPU {result['cpu_1000_over_20']:.3f} "
+              f"(target within 10%; wall time also carries the load of other processes)")
+    p20, p1000 = result["paired_median_ms"]["20"], result["paired_median_ms"]["1000"]
+    result["paired_1000_over_20"] = p1000 / p20
+    print(f"paired (two streams stepped alternately, {args.paired} steps each): frame 20 {p20:.2f} ms, frame 1000 "
+          f"{p1000:.2f} ms, ratio {p1000 / p20:.3f}")
+    print("RSS (MiB) after frame: " + ", ".join(f"{f}: {v:.1f}" for f, v in result["rss_mib"].items()))
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+def start_server(extra_args, threads):
+    """serve.py on a free loopback port in a child process -> (process, url)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
+                             "--port", "0", *extra_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    for line in proc.stdout:
+        if line.startswith("open http://"):
+            return proc, line.split()[1]
+    raise RuntimeError(f"serve.py did not start: {proc.stderr.read()[-2000:]}")
+
+
+def bench_page(args):
+    """End-to-end frames/s and first-frame latency as the page measures them, in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+    proc, url = start_server(["--ckpt", args.ckpt], args.threads)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=args.browser, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("window.demo && window.demo.state === 'ready'")
+            page.fill("#prompt", args.prompt)
+            page.click("#start")
+            page.wait_for_function(f"window.demo.frames >= {args.frames}", timeout=600_000)
+            stats = page.evaluate("({fps: demo.fps, frames: demo.frames, firstFrameMs: demo.firstFrameMs, "
+                                  "lastIndex: demo.lastIndex, arrivals: demo.arrivals})")
+            arrivals = stats.pop("arrivals")
+            browser.close()
+    finally:
+        proc.send_signal(__import__("signal").SIGINT)
+        proc.wait(timeout=30)
+    intervals = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    result = dict(stats, median_interval_ms=_median(intervals), server_threads=args.threads, ckpt=args.ckpt)
+    print(f"\npage ({args.threads} server threads): {stats['frames']} frames, {stats['fps']:.1f} frames/s over the "
+          f"last 60 frames (page's own counter), first frame {stats['firstFrameMs']:.0f} ms after Start, median "
+          f"frame interval {result['median_interval_ms']:.1f} ms")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+SWITCH_PAIRS = (("a red circle bounces slowly", "a green square stays still"),
+                ("a blue triangle stays still", "a yellow circle bounces slowly"),
+                ("a magenta square bounces slowly", "a cyan triangle stays still"),
+                ("a white circle stays still", "a red square bounces slowly"))
+
+
+def bench_prompt_switch(args):
+    """Both prompt-switch modes on the toy: roll `--before` frames under prompt A, switch to B, roll `--after`.
+    frames until B's colour shows: first k such that ToyBench's colour metric is 1 on frames [k, k+3) after the
+    switch (B's colour blob in three consecutive frames); colour(B) / colour(A) over the first 12 frames after the
+    switch, with ToyBench's shape and direction ("motion") of B there; scene jump: mean |pixel change| across the
+    switch divided by the median change between consecutive frames before it (1 = an ordinary frame step)."""
+    import toyworld
+    engine = _engine(args)
+    rows = []
+    for mode in ("cross_attn", "recache"):
+        per = []
+        for a, b in SWITCH_PAIRS:
+            for seed in range(args.seeds):
+                stream = engine.new_stream(engine.encode(a), seed)
+                frames = []
+                for f in range(args.before + args.after):
+                    if f == args.before:
+                        stream.set_prompt(engine.encode(b), mode)
+                    frames.append(torch.from_numpy(stream.step()[1]))
+                video = torch.cat(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # [T, 3, H, W]
+                after = video[args.before:]
+                until = next((k for k in range(len(after) - 2)
+                              if toyworld.score_video(after[k:k + 3], b)["colour"] == 1.0), None)
+                steps = (video[1:args.before] - video[:args.before - 1]).abs().mean((1, 2, 3))
+                jump = (video[args.before] - video[args.before - 1]).abs().mean() / steps.median().clamp(min=1e-6)
+                new = toyworld.score_video(after[:12], b)
+                per.append(dict(until=until, colour_new=new["colour"], shape_new=new["shape"],
+                                direction_new=new["direction"], colour_old=toyworld.score_video(after[:12], a)["colour"],
+                                jump=jump.item()))
+                stream.close()
+        shown = [p["until"] for p in per if p["until"] is not None]
+        rows.append(dict(mode=mode, runs=len(per), shown=len(shown),
+                         mean_frames_until=sum(shown) / max(1, len(shown)), max_frames_until=max(shown, default=None),
+                         colour_new=sum(p["colour_new"] for p in per) / len(per),
+                         shape_new=sum(p["shape_new"] for p in per) / len(per),
+                         direction_new=sum(p["direction_new"] for p in per) / len(per),
+                         colour_old=sum(p["colour_old"] for p in per) / len(per),
+                         scene_jump=sum(p["jump"] for p in per) / len(per)))
+    print(f"\nprompt switch after {args.before} frames ({engine.describe()}; {len(SWITCH_PAIRS)} prompt pairs x "
+          f"{args.seeds} seeds)")
+    print(f"{'mode':12s}{'shown':>8s}{'frames until':>14s}{'max':>6s}{'colour new':>12s}{'shape new':>11s}"
+          f"{'motion new':>12s}{'colour old':>12s}{'jump':>8s}")
+    for r in rows:
+        print(f"{r['mode']:12s}{r['shown']:>4d}/{r['runs']:<3d}{r['mean_frames_until']:>14.2f}"
+              f"{str(r['max_frames_until']):>6s}{r['colour_new']:>12.2f}{r['shape_new']:>11.2f}{r['direction_new']:>12.2f}"
+              f"{r['colour_old']:>12.2f}{r['scene_jump']:>8.2f}")
+    with open(args.json, "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {args.json}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,5 +519,26 @@ if __name__ == "__main__":
     p.add_argument("--config", default="configs/dmd_small.yaml")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--json", default=None)
+    p = sub.add_parser("stream", help="live stream: per-frame latency vs frame index, RSS over a long rollout")
+    p.add_argument("--ckpt", default="checkpoints/toy/dmd_2step")
+    p.add_argument("--prompt", default="a red circle bounces slowly")
+    p.add_argument("--frames", type=int, default=1200)
+    p.add_argument("--half_window", type=int, default=10, help="median over frame f +- this many frames")
+    p.add_argument("--paired", type=int, default=60, help="alternating steps of the frame-20 / frame-1000 streams")
+    p.add_argument("--json", default="bench_stream.json")
+    p = sub.add_parser("page", help="live stream: frames/s and first-frame latency measured by the page (Chromium)")
+    p.add_argument("--ckpt", default="checkpoints/toy/dmd_2step")
+    p.add_argument("--prompt", default="a red circle bounces slowly")
+    p.add_argument("--frames", type=int, default=600)
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--browser", default="/usr/bin/chromium")
+    p.add_argument("--json", default="bench_page.json")
+    p = sub.add_parser("prompt-switch", help="live stream: cross-attention switch vs KV re-cache on the toy")
+    p.add_argument("--ckpt", default="checkpoints/toy/dmd_2step")
+    p.add_argument("--before", type=int, default=24)
+    p.add_argument("--after", type=int, default=24)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--json", default="bench_prompt_switch.json")
     args = parser.parse_args()
-    {"stage2": bench_stage2, "sampler": bench_sampler, "stage3-memory": bench_stage3_memory}[args.command](args)
+    {"stage2": bench_stage2, "sampler": bench_sampler, "stage3-memory": bench_stage3_memory, "stream": bench_stream,
+     "page": bench_page, "prompt-switch": bench_prompt_switch}[args.command](args)

@@ -17,8 +17,9 @@ four ways to run it, chosen by the arguments of `CausalWanModel.forward`:
                                                   blocks (inference and Stage-3 self-rollout).
 
 Below the network: the flow-matching helpers (σ = t/1000 exactly, x_t = (1-σ)x0 + σε, v = ε - x0),
-`generate()` (the few-step frame-/chunk-wise rollout with the separate first-block step list of the
-paper's ASD trick), and strict weight loading for the original Wan, diffusers, official Causal-Forcing /
+`Rollout` (one block per step(); an optional rolling KV cache for rollouts of any length; prompt switching)
+and `generate()` on top of it (the few-step frame-/chunk-wise rollout with the separate first-block step list
+of the paper's ASD trick), and strict weight loading for the original Wan, diffusers, official Causal-Forcing /
 Self-Forcing `.pt` files and our own checkpoints.
 
 Parameter names are exactly Wan's (`blocks.0.self_attn.q.weight`, ...), so the released weights load with
@@ -195,6 +196,19 @@ def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, d
     return angles.reshape(num_frames * h * w, head_dim // 2)  # [L, d/2]
 
 
+_rope_tables = {}
+
+
+def rope_table(head_dim, num_frames, h, w, max_positions, device):
+    """(cos, sin) fp32 [num_frames·h·w, d/2] for frames 0..num_frames-1, memoised (the rolling cache rotates
+    its visible keys with it on every call)."""
+    key = (head_dim, num_frames, h, w, str(device))
+    if key not in _rope_tables:
+        angles = rope_angles(head_dim, num_frames, h, w, 0, max_positions, device=device)
+        _rope_tables[key] = (torch.cos(angles).float(), torch.sin(angles).float())
+    return _rope_tables[key]
+
+
 def apply_rope(x, cos, sin):
     """Rotate interleaved pairs (x[2j], x[2j+1]) by the angles behind cos/sin. Computed in fp32.
     x [B, L, N, d]; cos/sin [L, d/2] fp32 -> [B, L, N, d] in x's dtype."""
@@ -290,16 +304,44 @@ def attention_mask(kind, num_frames, tokens_per_frame, frames_per_block, device)
 
 # -----------------------------------------------------------------------------
 # KV cache
+#
+# Two layouts share one class. The default (absolute) layout is the one Stage 3 and fixed-length sampling use:
+# slot = absolute frame, keys stored RoPE-rotated, at most rope_max_positions frames. The rolling layout
+# (sink_frames given) serves rollouts of any length with a bounded cache, as LongLive and Self-Forcing's
+# rolling cache do: the first `sink_frames` frames stay forever (the attention sink), after them a window of
+# the most recent frames; when a new block does not fit, the oldest non-sink frames are evicted and the
+# window shifts left.
+#
+# RoPE positions in the rolling layout. Self-Forcing and LongLive rotate each key once, at its absolute frame
+# index, and keep it rotated while it rolls through the cache; the query of frame f is rotated at f. Since
+# RoPE only sees differences, window keys keep their true distance to the query, but the sink's distance
+# grows without bound (frame 10,000 sees the sink 10,000 frames away) and the absolute index runs off the
+# 1,024-entry RoPE table of Wan. That works for LongLive because it fine-tunes on long streaming rollouts with
+# this layout; our students only ever saw clips of the trained length (12 toy frames, 21 Wan latent frames),
+# so distances beyond it are out of distribution. We therefore index positions by *slot*: keys are stored
+# unrotated and rotated on read at their slot index, and the query at its own slots — sink at 0..s-1, window
+# at s.., the current block last. Window frames keep their true distances to the query (the window is
+# contiguous); the sink sits directly before the window, and no distance ever exceeds the cache size. With a
+# cache no longer than the trained clip, every attention step looks like one inside a trained-length clip,
+# and until the first eviction slot = absolute frame, so the rolling layout reproduces the absolute one.
 
 
 class KVCache:
     """Keys/values of every layer for up to `max_frames` frames, preallocated.
 
-    Slots are indexed by absolute frame: frame f owns token slots [f·S, (f+1)·S). A forward on the block
-    starting at frame f writes its keys (already RoPE-rotated) into its own slots and attends to slots
-    [0, (f+K)·S). Running the same block again (the next denoising step, then the clean context pass at t=0)
-    overwrites the same slots, so after the context pass the cache holds exactly the context later frames
-    must see. `filled_frames` (a Python int, no device sync) is one past the last frame ever written.
+    Absolute layout (sink_frames=None). Slots are indexed by absolute frame: frame f owns token slots
+    [f·S, (f+1)·S). A forward on the block starting at frame f writes its keys (already RoPE-rotated) into its
+    own slots and attends to slots [0, (f+K)·S). Running the same block again (the next denoising step, then
+    the clean context pass at t=0) overwrites the same slots, so after the context pass the cache holds exactly
+    the context later frames must see. `filled_frames` (a Python int, no device sync) is one past the last
+    frame ever written.
+
+    Rolling layout (sink_frames=s, s < max_frames). `slot_frames` lists the absolute frame held by every used
+    slot: the first s frames ever written, then the most recent ones. A block at a new frame (start_frame >=
+    filled_frames; gaps are allowed, a re-cache replays only the visible frames) evicts the oldest non-sink
+    frames if it does not fit; the last block may be rewritten in place. Keys are stored unrotated and the
+    model rotates them at their slot index (see the note above). Memory and per-frame cost are flat in the
+    frame index. Inference only: grad-enabled calls are refused.
 
     Only no-grad calls write. A grad-enabled call (the exit step of a Stage-3 self-rollout) concatenates its
     own keys/values, with gradient, to the cached prefix and leaves the buffers untouched; the no-grad context
@@ -309,20 +351,34 @@ class KVCache:
     The text keys/values of cross-attention are computed once per cache and reused in no-grad calls.
     """
 
-    def __init__(self, cfg, batch_size, max_frames, tokens_per_frame, device=None, dtype=torch.float32):
+    def __init__(self, cfg, batch_size, max_frames, tokens_per_frame, device=None, dtype=torch.float32,
+                 sink_frames=None):
         self.batch_size, self.max_frames, self.tokens_per_frame = batch_size, max_frames, tokens_per_frame
         assert max_frames <= cfg.rope_max_positions, \
             f"a cache of {max_frames} frames exceeds the RoPE range of {cfg.rope_max_positions} frames"
+        self.rolling = sink_frames is not None
+        if self.rolling:
+            assert 0 <= sink_frames and sink_frames + cfg.frames_per_block <= max_frames, \
+                f"a rolling cache of {max_frames} frames cannot keep {sink_frames} sink frames plus one " \
+                f"{cfg.frames_per_block}-frame block; use fewer sink frames or a larger window"
+        self.sink_frames = sink_frames
         shape = (cfg.num_layers, batch_size, max_frames * tokens_per_frame, cfg.num_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, B, max_frames·S, N, d]
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.context_kv = [None] * cfg.num_layers  # per layer (k, v) of the text, [B, Lt, N, d] each
         self.context = None  # the context tensor the cross-attention cache belongs to
         self.filled_frames = 0
+        self.slot_frames = []  # rolling layout: absolute frame held by each used slot, in slot order
+        self.key_rope = None  # rolling layout: (cos, sin) [visible tokens, d/2] of the current call, set by the model
 
     def reset(self):
         """Forget everything (new video). Buffers are kept; filled_frames and the text K/V are cleared."""
         self.filled_frames = 0
+        self.slot_frames = []
+        self.forget_text()
+
+    def forget_text(self):
+        """Drop the cached text keys/values, so the next call computes them from its (new) context."""
         self.context_kv = [None] * len(self.context_kv)
         self.context = None
 
@@ -333,10 +389,36 @@ class KVCache:
         assert start_frame + num_frames <= self.max_frames, \
             f"frames {start_frame}..{start_frame + num_frames - 1} exceed the cache size of {self.max_frames} frames"
 
-    def update(self, layer, k, v, start_frame):
+    def place(self, start_frame, num_frames, batch_size):
+        """Where the block at absolute `start_frame` goes -> its first slot, which is also the RoPE frame
+        position of its queries. The absolute layout returns start_frame; the rolling layout evicts the oldest
+        non-sink frames of every layer when a new block does not fit."""
+        if not self.rolling:
+            self.check_block(start_frame, num_frames, batch_size)
+            return start_frame
+        assert batch_size == self.batch_size, f"cache batch {self.batch_size} != input batch {batch_size}"
+        assert not torch.is_grad_enabled(), "the rolling KV cache is for inference; call it under torch.no_grad()"
+        new_frames = list(range(start_frame, start_frame + num_frames))
+        if start_frame < self.filled_frames:  # rewriting the newest block (next denoising step, context pass)
+            assert self.slot_frames[-num_frames:] == new_frames, \
+                f"a rolling cache can only rewrite its newest block {self.slot_frames[-num_frames:]} or append " \
+                f"at frame >= {self.filled_frames}; got frames {new_frames}"
+            return len(self.slot_frames) - num_frames
+        used = len(self.slot_frames)
+        evict = max(0, used + num_frames - self.max_frames)
+        if evict:
+            S, s = self.tokens_per_frame, self.sink_frames
+            keep = slice((s + evict) * S, used * S)  # the window frames that stay, moved left over the evicted
+            self.k[:, :, s * S:(used - evict) * S] = self.k[:, :, keep].clone()
+            self.v[:, :, s * S:(used - evict) * S] = self.v[:, :, keep].clone()
+            self.slot_frames = self.slot_frames[:s] + self.slot_frames[s + evict:]
+        self.slot_frames += new_frames
+        return len(self.slot_frames) - num_frames
+
+    def update(self, layer, k, v, slot):
         """Write this block's k/v [B, n, N, d] at its slots (no-grad calls only); return the visible k/v
-        [B, (start+n/S)·S, N, d]."""
-        begin = start_frame * self.tokens_per_frame
+        [B, (slot+n/S)·S, N, d]."""
+        begin = slot * self.tokens_per_frame
         end = begin + k.shape[1]
         if torch.is_grad_enabled():  # read-only: own keys with gradient after a copy of the cached prefix
             k_all = torch.cat([self.k[layer, :, :begin].to(k.dtype), k], dim=1)
@@ -346,9 +428,13 @@ class KVCache:
         self.v[layer, :, begin:end] = v
         return self.k[layer, :, :end].to(k.dtype), self.v[layer, :, :end].to(v.dtype)
 
+    def nbytes(self):
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
     def __repr__(self):
+        layout = f", sink={self.sink_frames}, slots={self.slot_frames}" if self.rolling else ""
         return (f"KVCache(layers={self.k.shape[0]}, batch={self.batch_size}, frames={self.filled_frames}/"
-                f"{self.max_frames}, tokens_per_frame={self.tokens_per_frame}, dtype={self.k.dtype})")
+                f"{self.max_frames}, tokens_per_frame={self.tokens_per_frame}, dtype={self.k.dtype}{layout})")
 
 
 # -----------------------------------------------------------------------------
@@ -362,15 +448,20 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over all heads, before the split
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache=None, layer=0, start_frame=0):
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0):
         B, L, D = x.shape
         N = self.num_heads
         q = self.norm_q(self.q(x)).view(B, L, N, D // N)  # [B, L, N, d]
         k = self.norm_k(self.k(x)).view(B, L, N, D // N)
         v = self.v(x).view(B, L, N, D // N)
-        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
-        if cache is not None:  # keys are stored rotated, with their absolute frame positions
-            k, v = cache.update(layer, k, v, start_frame)  # [B, L_visible, N, d]
+        q = apply_rope(q, rope_cos, rope_sin)
+        if cache is not None and cache.rolling:  # keys stored unrotated, rotated at their slot on read
+            k, v = cache.update(layer, k, v, slot)  # [B, L_visible, N, d]
+            k = apply_rope(k, *cache.key_rope)
+        else:
+            k = apply_rope(k, rope_cos, rope_sin)
+            if cache is not None:  # keys are stored rotated, with their absolute frame positions
+                k, v = cache.update(layer, k, v, slot)  # [B, L_visible, N, d]
         out = attention(q, k, v, mask)  # [B, L, N, d]
         return self.o(out.reshape(B, L, D))
 
@@ -419,7 +510,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D ** 0.5)
 
-    def forward(self, x, e0, context, rope_cos, rope_sin, mask=None, cache=None, layer=0, start_frame=0):
+    def forward(self, x, e0, context, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0):
         B, L, D = x.shape
         num_frames = e0.shape[1]  # frames in this sequence (2F under teacher forcing)
         S = L // num_frames
@@ -428,7 +519,7 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (m.unsqueeze(2) for m in mod.unbind(2))  # [B, F, 1, D]
 
         h = self.norm1(x).float().view(B, num_frames, S, D) * (1 + scale1) + shift1  # [B, F, S, D]
-        y = self.self_attn(h.view(B, L, D).to(dtype), rope_cos, rope_sin, mask, cache, layer, start_frame)
+        y = self.self_attn(h.view(B, L, D).to(dtype), rope_cos, rope_sin, mask, cache, layer, slot)
         x = x + (y.float().view(B, num_frames, S, D) * gate1).view(B, L, D)
 
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, cache, layer).float()
@@ -551,9 +642,9 @@ class CausalWanModel(nn.Module):
             assert clean_x is None, "cached inference and teacher forcing are exclusive"
             assert num_frames == K and start_frame % K == 0, \
                 f"cached calls run one block of {K} frame(s) at a block boundary; got {num_frames} at {start_frame}"
-            cache.check_block(start_frame, num_frames, B)
             assert cache.context is None or cache.context is context, \
-                "this KVCache holds another context's text keys/values; call cache.reset() for a new prompt"
+                "this KVCache holds another context's text keys/values; call cache.reset() (new video) or " \
+                "cache.forget_text() (new prompt mid-rollout)"
             mode = "cached"
         elif clean_x is not None:
             assert clean_x.shape == x.shape, f"clean_x {tuple(clean_x.shape)} must match x {tuple(x.shape)}"
@@ -568,7 +659,13 @@ class CausalWanModel(nn.Module):
         # embeddings
         tokens = self.patchify(x).float()  # [B, F·S, D], residual stream in fp32
         e, e0 = self.time_embeddings(t)  # [B, F, D], [B, F, 6, D]
-        angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, start_frame, cfg.rope_max_positions,
+        position = start_frame  # RoPE frame position of the first frame (= its cache slot when cached)
+        if mode == "cached":
+            position = cache.place(start_frame, num_frames, B)
+            if cache.rolling:  # every visible key at its slot; the queries are the last num_frames slots
+                cache.key_rope = rope_table(cfg.head_dim, position + num_frames, H // ph, W // pw,
+                                            cfg.rope_max_positions, x.device)
+        angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, position, cfg.rope_max_positions,
                              device=x.device)  # [F·S, d/2]
         if mode == "teacher_forcing":
             # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (as the official code does)
@@ -586,7 +683,7 @@ class CausalWanModel(nn.Module):
 
         # transformer
         for layer, block in enumerate(self.blocks):
-            args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, start_frame)
+            args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, position)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # with a cache this is safe: grad-enabled calls never write it (KVCache docstring)
                 tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -656,13 +753,150 @@ def timestep_grid(num_steps, shift=5.0):
 
 
 # -----------------------------------------------------------------------------
-# generate: frame-wise / chunk-wise autoregressive rollout with the KV cache
+# rollout: the frame-stepping primitive (one block per step), and generate() on top of it
+
+
+class Rollout:
+    """A frame-wise / chunk-wise autoregressive rollout that advances one block (K = cfg.frames_per_block
+    frames) per `step()`. generate() loops over it for a fixed-length video; a live stream (serve.py) calls
+    step() forever with a rolling cache and may change the conditioning between any two steps.
+
+    model, context [B, text_len, text_dim]; latent_shape (C, H, W) of one frame.
+    steps / first_block_steps / sampler / uncond_context / guidance_scale / context_t: as in generate().
+    window       None: absolute cache of `max_frames` frames (positions = absolute frames, at most the RoPE
+                 range). An int: a rolling cache of `window` frames — `sink_frames` kept from the start (default
+                 one block) plus the most recent ones — so the rollout can run forever at flat cost (KVCache).
+    cache        continue an existing KVCache instead (generation starts at cache.filled_frames).
+    Per step: len(steps) (len(first_block_steps) for frame 0) denoising calls + 1 context pass.
+
+    Prompt switching (set_context): the next step uses the new text. mode="cross_attn" only swaps the
+    text keys/values of cross-attention; the self-attention cache still holds frames written under the old
+    prompt, so the scene changes gradually. mode="recache" also rewrites the visible frames' keys/values under
+    the new prompt by replaying their context passes (LongLive's KV re-cache), at the cost of one context pass
+    per visible frame, once.
+    """
+
+    def __init__(self, model, context, latent_shape, *, steps, first_block_steps=None, sampler="renoise",
+                 uncond_context=None, guidance_scale=1.0, context_t=0.0, generator=None, window=None,
+                 sink_frames=None, max_frames=None, cache=None):
+        cfg = model.cfg
+        self.model, self.K = model, cfg.frames_per_block
+        assert sampler in ("renoise", "euler"), f"unknown sampler {sampler!r}; use 'renoise' or 'euler'"
+        for name, step_list in (("steps", steps), ("first_block_steps", first_block_steps)):
+            if step_list is not None:
+                assert len(step_list) > 0 and all(0 < s <= 1000 for s in step_list) and \
+                    all(a > b for a, b in zip(step_list, step_list[1:])), \
+                    f"{name} must be non-empty, strictly descending and within (0, 1000], got {list(step_list)}"
+        self.steps, self.first_block_steps, self.sampler = list(steps), first_block_steps, sampler
+        self.guidance_scale, self.context_t, self.generator = guidance_scale, context_t, generator
+        self.use_cfg = guidance_scale != 1.0
+        self.batch_size = context.shape[0]
+        self.latent_shape = tuple(latent_shape)
+        C, H, W = self.latent_shape
+        assert C == cfg.in_dim, f"latent_shape {self.latent_shape} has {C} channels, the model expects {cfg.in_dim}"
+        self.set_context(context, uncond_context, mode=None)
+        param = next(model.parameters())
+        if cache is None:
+            S = model.tokens_per_frame(H, W)
+            if window is not None:
+                cache = KVCache(cfg, self.run_batch, window, S, param.device, param.dtype,
+                                sink_frames=self.K if sink_frames is None else sink_frames)
+            else:
+                assert max_frames is not None, "Rollout needs window (rolling cache), max_frames or cache"
+                cache = KVCache(cfg, self.run_batch, max_frames, S, param.device, param.dtype)
+        assert cache.batch_size == self.run_batch, f"cache batch {cache.batch_size} != rollout batch {self.run_batch}"
+        self.cache = cache
+        self.frame = cache.filled_frames  # absolute index of the next frame to generate
+        self.visible = {}  # absolute frame -> clean latents [B, 1, C, H, W] written into the cache (for re-cache)
+
+    @property
+    def run_batch(self):
+        return 2 * self.batch_size if self.use_cfg else self.batch_size
+
+    @torch.no_grad()
+    def set_context(self, context, uncond_context=None, mode="cross_attn"):
+        """New text conditioning from the next step on (see the class docstring for the two modes)."""
+        assert context.shape[0] == self.batch_size and context.ndim == 3, \
+            f"context must be [B={self.batch_size}, text_len, text_dim], got {tuple(context.shape)}"
+        assert not self.use_cfg or uncond_context is not None, "guidance_scale != 1 needs uncond_context"
+        assert mode in (None, "cross_attn", "recache"), f"unknown prompt-switch mode {mode!r}; use 'cross_attn' or 'recache'"
+        self.context = context
+        self.run_context = torch.cat([context, uncond_context]) if self.use_cfg else context  # [2B, Lt, E] under CFG
+        if mode is None:
+            return
+        self.cache.forget_text()
+        if mode == "recache":
+            saved = dict(self.visible)  # the replay prunes self.visible as it goes
+            frames = sorted(saved)
+            assert self.cache.rolling or frames == list(range(len(frames))), "re-cache needs every frame since 0"
+            self.cache.reset()
+            for f0 in range(0, len(frames), self.K):  # replay in slot order; rolling positions come out the same
+                block = frames[f0:f0 + self.K]
+                self._context_pass(torch.cat([saved[f] for f in block], dim=1), block[0])
+
+    def _velocity(self, x, t_value, start):
+        x_in = torch.cat([x, x]) if self.use_cfg else x
+        t = torch.full((self.run_batch, x.shape[1]), float(t_value), device=x.device)
+        v = self.model(x_in, t, self.run_context, cache=self.cache, start_frame=start)
+        if self.use_cfg:
+            v = guided(*v.chunk(2), self.guidance_scale)
+        return v
+
+    def _context_pass(self, x0, start):
+        """Write the clean block x0 [B, K, C, H, W] at absolute frame `start` into the cache."""
+        x_ctx = x0
+        if self.context_t > 0:
+            fresh = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
+            x_ctx = add_noise(x0, fresh, self.context_t)
+        self._velocity(x_ctx, self.context_t, start)  # output unused: this call only writes the block's K/V
+        for i in range(x0.shape[1]):
+            self.visible[start + i] = x0[:, i:i + 1]
+        if self.cache.rolling:
+            kept = set(self.cache.slot_frames)
+            self.visible = {f: x for f, x in self.visible.items() if f in kept}
+
+    @torch.no_grad()
+    def write_context(self, x0):
+        """Append clean frames x0 [B, n·K, C, H, W] to the cache without generating them (I2V prefix)."""
+        assert x0.shape[1] % self.K == 0, f"{x0.shape[1]} frames are not a whole number of {self.K}-frame blocks"
+        for p in range(0, x0.shape[1], self.K):
+            self._context_pass(x0[:, p:p + self.K], self.frame)
+            self.frame += self.K
+
+    @torch.no_grad()
+    def step(self, noise, context_frames=None):
+        """Generate the next block from noise [B, K, C, H, W] -> x0 [B, K, C, H, W]. context_frames: write these
+        frames into the cache instead of the generated ones (ground-truth conditioning)."""
+        assert noise.shape == (self.batch_size, self.K, *self.latent_shape), \
+            f"noise must be [{self.batch_size}, {self.K}, {', '.join(map(str, self.latent_shape))}], got {tuple(noise.shape)}"
+        start = self.frame
+        step_list = self.first_block_steps if (start == 0 and self.first_block_steps is not None) else self.steps
+        dtype, x = noise.dtype, noise
+        for i, t_value in enumerate(step_list):
+            v = self._velocity(x, t_value, start)
+            t_next = step_list[i + 1] if i + 1 < len(step_list) else 0.0
+            if self.sampler == "euler":
+                x = (x.float() + (t_next - t_value) / 1000.0 * v.float()).to(dtype)
+                x0 = x
+            else:
+                x0 = x0_from_v(x, v, t_value)
+                if i + 1 < len(step_list):  # re-noise with fresh noise to the next level
+                    fresh = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=dtype)
+                    x = add_noise(x0, fresh, t_next)
+        self._context_pass(context_frames if context_frames is not None else x0, start)
+        self.frame += self.K
+        return x0
+
+    def close(self):
+        """Free the cache buffers now (a closed stream must not hold them until garbage collection)."""
+        self.cache = None
+        self.visible = {}
 
 
 @torch.no_grad()
 def generate(model, noise, context, *, steps, first_block_steps=None, sampler="renoise", uncond_context=None,
              guidance_scale=1.0, context_t=0.0, prefix=None, teacher_context=None, generator=None, cache=None,
-             on_block=None):
+             window=None, sink_frames=None, before_block=None, on_block=None):
     """Roll out a video block by block (K = cfg.frames_per_block frames each) with the KV cache.
 
     noise        [B, F, C, H, W] initial noise of the frames to generate
@@ -679,70 +913,33 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
     teacher_context [B, F, C, H, W] if given, the context pass writes these frames instead of the generated
                  ones (generation conditioned on a ground-truth prefix, as the causal-ODE teacher does)
     cache        a KVCache to continue (generation starts at cache.filled_frames); default: a new one
+    window, sink_frames  a rolling cache of `window` frames instead (Rollout): F may exceed the RoPE range
+    before_block callback(rollout, start_frame) before each block: change the conditioning from this block on
+                 (e.g. rollout.set_context for a prompt switch)
     on_block     callback(block_index, start_frame, x0_block) after each block, for streaming
     Calls per block: len(steps) (or len(first_block_steps)) + 1 context pass. Returns [B, F, C, H, W].
     """
-    cfg = model.cfg
+    K = model.cfg.frames_per_block
     B, num_frames, C, H, W = noise.shape
-    K = cfg.frames_per_block
     assert num_frames % K == 0, f"{num_frames} frames are not a whole number of {K}-frame blocks"
-    assert sampler in ("renoise", "euler"), f"unknown sampler {sampler!r}; use 'renoise' or 'euler'"
-    for name, step_list in (("steps", steps), ("first_block_steps", first_block_steps)):
-        if step_list is not None:
-            assert len(step_list) > 0 and all(0 < s <= 1000 for s in step_list) and \
-                all(a > b for a, b in zip(step_list, step_list[1:])), \
-                f"{name} must be non-empty, strictly descending and within (0, 1000], got {list(step_list)}"
-    use_cfg = guidance_scale != 1.0
-    assert not use_cfg or uncond_context is not None, "guidance_scale != 1 needs uncond_context"
     prefix_frames = 0 if prefix is None else prefix.shape[1]
     assert prefix_frames % K == 0, f"prefix of {prefix_frames} frames is not a whole number of {K}-frame blocks"
     if teacher_context is not None:
         assert teacher_context.shape == noise.shape, "teacher_context must have the shape of noise"
-
-    run_batch = 2 * B if use_cfg else B
-    run_context = torch.cat([context, uncond_context]) if use_cfg else context  # [2B, Lt, E] under CFG
-    S = model.tokens_per_frame(H, W)
-    if cache is None:
-        cache = KVCache(cfg, run_batch, prefix_frames + num_frames, S, noise.device,
-                        next(model.parameters()).dtype)
-    first_frame = cache.filled_frames
-    dtype = noise.dtype
-
-    def velocity(x, t_value, start):
-        x_in = torch.cat([x, x]) if use_cfg else x
-        t = torch.full((run_batch, x.shape[1]), float(t_value), device=x.device)
-        v = model(x_in, t, run_context, cache=cache, start_frame=start)
-        if use_cfg:
-            v = guided(*v.chunk(2), guidance_scale)
-        return v
-
-    def context_pass(x0, start):
-        x_ctx = x0
-        if context_t > 0:
-            x_ctx = add_noise(x0, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype), context_t)
-        velocity(x_ctx, context_t, start)  # output unused: this call only writes the block's K/V
-
-    for p in range(0, prefix_frames, K):  # clean prefix (I2V) into the cache
-        context_pass(prefix[:, p:p + K], first_frame + p)
-
+    rollout = Rollout(model, context, (C, H, W), steps=steps, first_block_steps=first_block_steps, sampler=sampler,
+                      uncond_context=uncond_context, guidance_scale=guidance_scale, context_t=context_t,
+                      generator=generator, window=window, sink_frames=sink_frames,
+                      max_frames=prefix_frames + num_frames, cache=cache)
+    if prefix is not None:  # clean prefix (I2V) into the cache
+        rollout.write_context(prefix.to(noise.dtype))
     outputs = []
     for block, f0 in enumerate(range(0, num_frames, K)):
-        start = first_frame + prefix_frames + f0
-        step_list = first_block_steps if (block == 0 and first_block_steps is not None and start == 0) else steps
-        x = noise[:, f0:f0 + K]
-        for i, t_value in enumerate(step_list):
-            v = velocity(x, t_value, start)
-            t_next = step_list[i + 1] if i + 1 < len(step_list) else 0.0
-            if sampler == "euler":
-                x = (x.float() + (t_next - t_value) / 1000.0 * v.float()).to(dtype)
-                x0 = x
-            else:
-                x0 = x0_from_v(x, v, t_value)
-                if i + 1 < len(step_list):  # re-noise with fresh noise to the next level
-                    fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype)
-                    x = add_noise(x0, fresh, t_next)
+        start = rollout.frame
+        if before_block is not None:
+            before_block(rollout, start)
+        x0 = rollout.step(noise[:, f0:f0 + K],
+                          context_frames=teacher_context[:, f0:f0 + K] if teacher_context is not None else None)
         outputs.append(x0)
-        context_pass(teacher_context[:, f0:f0 + K] if teacher_context is not None else x0, start)
         if on_block is not None:
             on_block(block, start, x0)
     return torch.cat(outputs, dim=1)  # [B, F, C, H, W]

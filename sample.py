@@ -17,6 +17,13 @@ What a checkpoint is decides how it is sampled (`load_for_inference` reads it of
   python sample.py --image first_frame.png --prompt "..."                          # I2V: the image is frame 0
   python sample.py --ckpt runs/toy/tf --use_ema --prompt "..."                     # Stage-1 AR diffusion, 40 steps
   python sample.py --ckpt checkpoints/toy/base --prompt "..."                      # the bidirectional toy base
+  python sample.py --prompt "a red circle moves left quickly" --num_frames 2000 --stream   # past the trained length
+  python sample.py --prompt "a red circle moves left quickly" --switch "24:a green square stays still"  # prompt switch
+
+Past the trained clip length the KV cache rolls (model.KVCache): --window frames (default the trained length)
+with --sink_frames kept from the start; per-frame cost and cache memory stay flat. --switch FRAME:PROMPT changes
+the prompt from that latent frame on, by re-caching the visible frames (default) or cross-attention only
+(--switch_mode).
 
 Writes OUT/<prompt>-<seed>.mp4 and a PNG contact sheet per prompt; prints first-frame latency and frames/s
 with and without decoding. With --stream each block is decoded as soon as it exists (streaming VAE decode)
@@ -73,23 +80,28 @@ class Sampling:
 
 
 @torch.no_grad()
-def sample_latents(model, how, noise, context, uncond_context=None, *, prefix=None, generator=None, on_block=None):
+def sample_latents(model, how, noise, context, uncond_context=None, *, prefix=None, generator=None, on_block=None,
+                   window=None, sink_frames=None, before_block=None):
     """The one sampler. noise [B, F, C, H, W] -> latents [B, F, C, H, W] (without the prefix).
     A causal model is rolled out block by block with the KV cache (model.generate); a bidirectional one is
     denoised as a whole clip (model.generate_bidirectional). uncond_context: the negative prompt's embedding
     [B, Lt, E] (multi-step CFG); prefix: clean latents written into the cache first (I2V); generator: the
-    few-step re-noising; on_block(block, start_frame, x0) after every block (streaming, timing)."""
+    few-step re-noising; on_block(block, start_frame, x0) after every block (streaming, timing). Causal models
+    only: window / sink_frames roll the KV cache (rollouts past the trained length), before_block(rollout,
+    start_frame) runs before every block (prompt switching, model.Rollout.set_context)."""
+    rolling = dict(window=window, sink_frames=sink_frames, before_block=before_block)
     if how.mode == "few_step":
         assert model.cfg.causal, "a few-step rollout needs a causal model"
         return M.generate(model, noise, context, steps=M.warp_timesteps(how.steps, how.shift),
                           first_block_steps=M.warp_timesteps(how.first_block_steps, how.shift)
                           if how.first_block_steps else None,
-                          context_t=how.context_t, prefix=prefix, generator=generator, on_block=on_block)
+                          context_t=how.context_t, prefix=prefix, generator=generator, on_block=on_block, **rolling)
     steps = M.timestep_grid(how.sample_steps, how.shift).tolist()
     if model.cfg.causal:
         return M.generate(model, noise, context, steps=steps, sampler="euler", uncond_context=uncond_context,
-                          guidance_scale=how.cfg, prefix=prefix, on_block=on_block)
+                          guidance_scale=how.cfg, prefix=prefix, on_block=on_block, **rolling)
     assert prefix is None, "a bidirectional model takes no clean prefix"
+    assert window is None and before_block is None, "a bidirectional model samples whole clips: no rolling cache"
     latents = M.generate_bidirectional(model, noise, context, steps=steps, uncond_context=uncond_context,
                                        guidance_scale=how.cfg)
     if on_block is not None:
@@ -183,7 +195,7 @@ def choose_sampling(info, steps=None, sample_steps=None, first_frame_steps="defa
     return Sampling("multi_step", sample_steps=sample_steps or Sampling.sample_steps, cfg=cfg, shift=shift)
 
 
-def video_size(model, info, num_frames=None, height=None, width=None, prefix_frames=0):
+def video_size(model, info, num_frames=None, height=None, width=None):
     """-> (height, width, latent frames, fps, upscale) of the videos to make: the checkpoint's trained length
     and the toy or Wan size unless given; one SampleError line if they do not fit the model."""
     cfg = model.cfg
@@ -199,10 +211,41 @@ def video_size(model, info, num_frames=None, height=None, width=None, prefix_fra
     K = cfg.frames_per_block
     if num_frames % K:
         raise SampleError(f"--num_frames {num_frames} is not a whole number of {K}-frame blocks")
-    if prefix_frames + num_frames > cfg.rope_max_positions:
-        raise SampleError(f"{prefix_frames + num_frames} latent frames exceed the model's RoPE/cache range of "
-                          f"{cfg.rope_max_positions}")
     return height, width, num_frames, default[3], default[4]
+
+
+def rolling_window(model, info, num_frames, prefix_frames, window=None, sink_frames=None):
+    """-> None (one absolute KV cache for the whole video) or (window, sink frames) of a rolling cache: asked for,
+    or the trained length when the video is longer than that. One SampleError line if it cannot work."""
+    cfg, K = model.cfg, model.cfg.frames_per_block
+    trained = info["num_frames"] or video_size(model, info)[2]
+    if window is None and prefix_frames + num_frames > trained:
+        window = trained
+    if window is None:
+        return None
+    if not cfg.causal:
+        raise SampleError("a bidirectional model samples whole clips; --num_frames beyond its length and --window "
+                          "need a causal model")
+    sink = K if sink_frames is None else sink_frames
+    if window % K or window < sink + K or window > cfg.rope_max_positions:
+        raise SampleError(f"--window {window} must be a multiple of {K}, hold the {sink} sink frames plus one block, "
+                          f"and stay within the RoPE range {cfg.rope_max_positions}")
+    return window, sink
+
+
+def parse_switches(items, num_frames, K):
+    """--switch FRAME:PROMPT items -> [(latent frame, prompt)]; one SampleError line for a malformed one."""
+    switches = []
+    for item in items:
+        frame, _, prompt = item.partition(":")
+        if not frame.strip().isdigit() or not prompt.strip():
+            raise SampleError(f"--switch {item!r} is not FRAME:PROMPT (e.g. '24:a green square stays still')")
+        frame = int(frame)
+        if not 0 < frame < num_frames or frame % K:
+            raise SampleError(f"--switch frame {frame} must be a block boundary inside the video (0 < frame < "
+                              f"{num_frames}, a multiple of {K})")
+        switches.append((frame, prompt.strip()))
+    return switches
 
 
 def check_toy_prompts(prompts):
@@ -299,9 +342,11 @@ def slug(prompt, limit=80):
 # one video
 
 
-def sample_one(model, how, text, codec, codec_device, prompt, seed, shape, prefix=None, writer=None, quiet=False):
+def sample_one(model, how, text, codec, codec_device, prompt, seed, shape, prefix=None, writer=None, quiet=False,
+               window=None, switches=(), switch_mode="recache"):
     """Generate and decode one video. shape = (F, C, h, w) of the generated latents. With a writer (stream mode)
-    every block is decoded and written as soon as it exists. Returns (video [T, 3, H, W], timings)."""
+    every block is decoded and written as soon as it exists. window: None or (frames, sink frames) of a rolling
+    KV cache; switches: [(latent frame, prompt)], applied by `switch_mode`. Returns (video [T, 3, H, W], timings)."""
     from tqdm import tqdm
     device = next(model.parameters()).device
     F_, C, h, w = shape
@@ -336,8 +381,17 @@ def sample_one(model, how, text, codec, codec_device, prompt, seed, shape, prefi
             emit(x0)
         progress.update(x0.shape[1])
 
+    offset = 0 if prefix is None else prefix.shape[1]   # switch frames count generated frames, after an I2V prefix
+    switch_contexts = {offset + frame: text.encode([p]).to(device) for frame, p in switches}
+
+    def before_block(rollout, start_frame):
+        if start_frame in switch_contexts:
+            rollout.set_context(switch_contexts[start_frame], uncond, mode=switch_mode)
+
     latents = sample_latents(model, how, noise, context, uncond, prefix=prefix, on_block=on_block,
-                             generator=torch.Generator(device=device).manual_seed(seed + 1))
+                             generator=torch.Generator(device=device).manual_seed(seed + 1),
+                             window=window and window[0], sink_frames=window and window[1],
+                             before_block=before_block if switches else None)
     sync()
     timings["generate"] = time.time() - start - timings["decode"]
     progress.close()
@@ -396,7 +450,8 @@ def add_sampling_arguments(p):
     p.add_argument("--cfg", type=float, default=Sampling.cfg, help="CFG weight of multi-step sampling")
     p.add_argument("--shift", type=float, default=Sampling.shift, help="timestep shift of the step lists")
     p.add_argument("--frames_per_block", type=int, help="override the checkpoint's block size (1 or 3)")
-    p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length)")
+    p.add_argument("--num_frames", type=int, help="latent frames to generate (default: the trained length; longer "
+                   "rollouts of causal models roll the KV cache)")
     p.add_argument("--height", type=int, help="video height in pixels (Wan default 480)")
     p.add_argument("--width", type=int, help="video width in pixels (Wan default 832)")
 
@@ -408,6 +463,14 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="our checkpoint or run directory, a Wan folder, or an "
                    "official Causal-Forcing .pt (with --wan_dir)")
     add_sampling_arguments(p)
+    p.add_argument("--window", type=int, help="rolling KV cache of this many frames (default: the trained length "
+                   "when --num_frames exceeds it, else no rolling)")
+    p.add_argument("--sink_frames", type=int, help="frames of the rolling cache kept from the start (default: one "
+                   "block)")
+    p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="from latent frame FRAME on, condition on PROMPT (repeatable; applies to every video)")
+    p.add_argument("--switch_mode", default="recache", choices=["recache", "cross_attn"],
+                   help="prompt switch: re-cache the visible frames under the new prompt, or cross-attention only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", help="I2V: this image is the first frame (clean context); frame-wise models only")
     p.add_argument("--out", default="samples", help="output directory")
@@ -442,9 +505,16 @@ def main(argv=None):
     if args.image and (K != 1 or not cfg.causal):
         raise SampleError(f"--image needs a frame-wise causal model (frames_per_block 1); this one has {K}"
                           + ("" if cfg.causal else " and is bidirectional"))
-    height, width, num_frames, fps, scale = video_size(model, info, args.num_frames, args.height, args.width,
-                                                       prefix_frames=1 if args.image else 0)
+    height, width, num_frames, fps, scale = video_size(model, info, args.num_frames, args.height, args.width)
     fps, scale = args.fps or fps, args.scale or scale
+    prefix_frames = 1 if args.image else 0
+    window = rolling_window(model, info, num_frames, prefix_frames, args.window, args.sink_frames)
+    if window is None and prefix_frames + num_frames > cfg.rope_max_positions:
+        raise SampleError(f"{prefix_frames + num_frames} latent frames exceed the model's RoPE/cache range of "
+                          f"{cfg.rope_max_positions}; pass --window to roll the cache")
+    switches = parse_switches(args.switch, num_frames, K)
+    if switches and not cfg.causal:
+        raise SampleError("--switch needs a causal (frame-wise or chunk-wise) model")
 
     import encoders
     text = encoders.load_text_encoder(info["text_encoder"], device)
@@ -454,7 +524,7 @@ def main(argv=None):
     if height % (2 * factor) or width % (2 * factor):
         raise SampleError(f"--height/--width must be multiples of {2 * factor}, got {height}x{width}")
     if toy:
-        check_toy_prompts(prompts)
+        check_toy_prompts(prompts + [p for _, p in switches])
     prefix = None
     if args.image:
         image = read_image(args.image, height, width)
@@ -477,7 +547,8 @@ def main(argv=None):
         writer = VideoWriter(mp4, fps, scale)
         try:
             video, timings = sample_one(model, how, text, codec, codec_device, prompt, args.seed, shape, prefix,
-                                        writer if args.stream else None, quiet=args.quiet)
+                                        writer if args.stream else None, quiet=args.quiet, window=window,
+                                        switches=switches, switch_mode=args.switch_mode)
             if not args.stream:
                 writer.append(video)
             writer.close()

@@ -1,0 +1,358 @@
+"""serve.py end to end: a real server process on a free loopback port, driven over its WebSocket (aiohttp client)
+and in headless Chromium (Playwright + Debian's chromium). Streams, prompt switching, bad prompts, busy / separate
+streams, a closed tab, Ctrl-C. Timing targets are measured by bench.py, never asserted here."""
+import asyncio
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import toyworld
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = struct.Struct("<IfHHBBH")  # serve.py's frame header
+OLD_PROMPT, NEW_PROMPT = "a red circle bounces slowly", "a green square stays still"
+BAD_PROMPT = "a purple dragon flies"
+
+
+# ---- helpers ----
+
+
+class Server:
+    """serve.py in a child process (one thread, like every test), on a free port chosen by the OS."""
+
+    def __init__(self, *args):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--port", "0", *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines = []
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("open http://"):
+                self.url = line.split()[1]
+                break
+        else:
+            raise AssertionError(f"serve.py did not start:\n{''.join(self.lines)}\n{self.proc.stderr.read()[-3000:]}")
+        assert self.url.startswith("http://127.0.0.1:"), f"the default bind must be loopback, got {self.url}"
+        self.ws_url = self.url.replace("http://", "ws://") + "ws"
+
+    def stop(self, timeout=30):
+        """Ctrl-C; returns (exit code, rest of stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"serve.py did not exit within {timeout} s of SIGINT:\n{err[-3000:]}")
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+async def stats(session, server):
+    async with session.get(server.url + "stats") as response:
+        return await response.json()
+
+
+async def idle(session, server):
+    """Wait until the previous test's connection is gone (a closing stream still counts against --max_streams)."""
+    for _ in range(200):
+        if (await stats(session, server))["connections"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the server still holds a connection from an earlier client")
+
+
+async def receive(ws, frames, messages):
+    """Read until `frames` binary frames arrived -> list of (header tuple, payload); text messages go to `messages`."""
+    import aiohttp
+    out = []
+    while len(out) < frames:
+        msg = await ws.receive()
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            out.append((HEADER.unpack_from(msg.data), msg.data[HEADER.size:]))
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            messages.append(json.loads(msg.data))
+        else:
+            raise AssertionError(f"socket ended while waiting for frames: {msg.type} {messages}")
+    return out
+
+
+def to_video(frames):
+    """[(header, raw RGB bytes)] -> [T, 3, H, W] in [-1, 1] (ToyBench's input)."""
+    (_, _, W, H, fmt, _, _), _ = frames[0]
+    assert fmt == 0, "toy frames travel as raw RGB"
+    pixels = torch.stack([torch.frombuffer(bytearray(p), dtype=torch.uint8).view(H, W, 3) for _, p in frames])
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+async def wait_idle(server):
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        await idle(session, server)
+
+
+# ---- protocol tests (no browser) ----
+
+
+def test_stream_prompt_switch_bad_prompt_busy_and_closed_tab(server):
+    import aiohttp
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await idle(session, server)
+            async with session.ws_connect(server.ws_url) as ws:
+                hello = await ws.receive_json()
+                assert hello["type"] == "hello"
+                assert (hello["width"], hello["height"]) == (toyworld.TOY_SIZE, toyworld.TOY_SIZE)  # from the checkpoint
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
+                messages = []
+                first = await receive(ws, 30, messages)
+                assert [h[0] for h, _ in first] == list(range(30)), "frames must arrive in order, each once"
+                assert all(len(p) == toyworld.TOY_SIZE ** 2 * 3 for _, p in first)
+                assert toyworld.score_video(to_video(first[1:]), OLD_PROMPT)["colour"] >= 0.75
+
+                # a second client while this stream runs: a clear busy message, then the socket closes
+                async with session.ws_connect(server.ws_url) as other:
+                    busy = await other.receive_json()
+                    assert busy["type"] == "busy" and "--max_streams" in busy["message"]
+                    assert (await other.receive()).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+                # a prompt the toy text encoder cannot take: an error naming the words, and the stream goes on
+                await ws.send_json(dict(type="prompt", prompt=BAD_PROMPT))
+                more = await receive(ws, 10, messages)
+                errors = [m for m in messages if m["type"] == "error"]
+                assert errors and "purple" in errors[0]["message"] and "vocabulary" in errors[0]["message"]
+                assert [h[0] for h, _ in more] == list(range(30, 40)) and all(h[6] == 0 for h, _ in more)
+
+                # a good prompt switch: acknowledged with the frame it starts at, and frames follow it
+                await ws.send_json(dict(type="prompt", prompt=NEW_PROMPT, mode="cross_attn"))
+                after = await receive(ws, 24, messages)
+                applied = [m for m in messages if m["type"] == "prompt_applied"]
+                assert len(applied) == 1 and applied[0]["prompt"] == NEW_PROMPT and applied[0]["epoch"] == 1
+                switched = [(h, p) for h, p in after if h[0] >= applied[0]["frame"]]
+                assert all(h[6] == 1 for h, _ in switched) and len(switched) >= 20
+                video = to_video(switched[4:16])  # bench.py prompt-switch: the new colour shows within 3 frames
+                assert toyworld.score_video(video, NEW_PROMPT)["colour"] >= 0.75
+                assert toyworld.score_video(video, OLD_PROMPT)["colour"] <= 0.25
+                running = await stats(session, server)
+                assert running["active_streams"] == 1 and running["busy_refusals"] >= 1
+            # the tab is gone: generation stops and the stream is freed
+            for _ in range(100):
+                now = await stats(session, server)
+                if now["connections"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert now["connections"] == 0 and now["active_streams"] == 0
+            await asyncio.sleep(0.5)
+            later = await stats(session, server)
+            assert later["frames_sent"] == now["frames_sent"], "frames are still generated for a closed tab"
+            # and the next client gets a fresh stream from frame 0
+            async with session.ws_connect(server.ws_url) as ws:
+                assert (await ws.receive_json())["type"] == "hello"
+                await ws.send_json(dict(type="start", prompt=NEW_PROMPT))
+                fresh = await receive(ws, 3, [])
+                assert [h[0] for h, _ in fresh] == [0, 1, 2]
+
+    run(scenario())
+
+
+def test_streamed_frames_are_the_rollout_frames(server):
+    """The page gets exactly what model.Rollout + the codec make for the same seed: an in-process Stream with one
+    thread, like the server process (same arithmetic, so bit-identical uint8 frames)."""
+    import aiohttp
+
+    import serve
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await idle(session, server)
+            async with session.ws_connect(server.ws_url) as ws:
+                await ws.receive_json()
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT, seed=3))
+                return await receive(ws, 8, [])
+
+    frames = run(scenario())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = serve.Engine(serve.ServeConfig(ckpt=os.path.join(ROOT, "checkpoints/toy/dmd_2step")))
+        stream = engine.new_stream(engine.encode(OLD_PROMPT), seed=3)
+        expected = [stream.step()[1][0] for _ in range(8)]
+        engine.close()
+    finally:
+        torch.set_num_threads(threads)
+    for (header, payload), frame in zip(frames, expected):
+        assert payload == frame.tobytes(), f"frame {header[0]} differs from the in-process rollout"
+
+
+def test_pause_resume_reset(server):
+    import aiohttp
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await idle(session, server)
+            async with session.ws_connect(server.ws_url) as ws:
+                assert (await ws.receive_json())["type"] == "hello"
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
+                messages = []
+                await receive(ws, 5, messages)
+                await ws.send_json(dict(type="pause"))
+                while not any(m["type"] == "paused" for m in messages):
+                    messages.append(await ws.receive_json())
+                paused_at = (await stats(session, server))["frames_sent"]
+                await asyncio.sleep(0.5)
+                assert (await stats(session, server))["frames_sent"] <= paused_at + 1  # at most the frame in flight
+                await ws.send_str("nonsense")  # not JSON: an error message, and the stream stays usable
+                await ws.send_json(dict(type="resume"))
+                resumed = await receive(ws, 3, messages)
+                assert any(m["type"] == "error" and "nonsense" in m["message"] for m in messages)
+                assert resumed[0][0][0] >= 5
+                await ws.send_json(dict(type="reset"))
+                while not any(m["type"] == "reset" for m in messages):
+                    msg = await ws.receive()
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        messages.append(json.loads(msg.data))
+                assert (await stats(session, server))["active_streams"] == 0
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
+                again = await receive(ws, 2, messages)
+                assert [h[0] for h, _ in again] == [0, 1]
+
+    run(scenario())
+
+
+def test_two_clients_get_their_own_streams():
+    import aiohttp
+    s = Server("--max_streams", "2")
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(s.ws_url) as a, session.ws_connect(s.ws_url) as b:
+                await a.receive_json(), await b.receive_json()
+                await a.send_json(dict(type="start", prompt=OLD_PROMPT))
+                await b.send_json(dict(type="start", prompt=NEW_PROMPT, seed=1))
+                frames_a, frames_b = await asyncio.gather(receive(a, 16, []), receive(b, 16, []))
+                assert (await stats(session, s))["active_streams"] == 2
+        # each stream is whole (its own frame counter) and is its own prompt (never the other client's frames)
+        assert [h[0] for h, _ in frames_a] == list(range(16)) == [h[0] for h, _ in frames_b]
+        assert toyworld.score_video(to_video(frames_a[1:]), OLD_PROMPT)["colour"] >= 0.75
+        assert toyworld.score_video(to_video(frames_b[1:]), NEW_PROMPT)["colour"] >= 0.75
+        assert toyworld.score_video(to_video(frames_a[1:]), NEW_PROMPT)["colour"] <= 0.25
+
+    try:
+        run(scenario())
+    finally:
+        s.stop()
+
+
+def test_ctrl_c_while_streaming_exits_cleanly():
+    import aiohttp
+    s = Server()
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(s.ws_url) as ws:
+                await ws.receive_json()
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
+                await receive(ws, 5, [])
+                s.proc.send_signal(signal.SIGINT)
+                while True:  # the server closes the socket on its way out
+                    msg = await ws.receive()
+                    if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                        return msg
+
+    closing = run(scenario())
+    code, out, err = s.stop()
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "stopped" in out and closing.type in (__import__("aiohttp").WSMsgType.CLOSE,
+                                                 __import__("aiohttp").WSMsgType.CLOSED)
+
+
+def test_bad_arguments_are_one_line_errors():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", "no/such/checkpoint"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- the real browser ----
+
+
+def browser_or_skip():
+    """Headless Chromium through Playwright, or a skip with the reason; in CI (CI=true) a missing browser fails."""
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "playwright is not installed (pip install -r requirements.txt)"
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if reason is None and path is None:
+        reason = "no Chromium browser found (Debian: apt-get install chromium; or set CHROMIUM=/path/to/chrome)"
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the browser test must run in CI: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+def test_browser_stream_fps_prompt_switch_and_bad_prompt(server, tmp_path):
+    browser_path = browser_or_skip()
+    from playwright.sync_api import sync_playwright
+    run(wait_idle(server))  # before Playwright: its sync API runs an event loop of its own in this thread
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport=dict(width=900, height=760))
+            page.goto(server.url)
+            page.wait_for_function("window.demo && window.demo.state === 'ready'", timeout=30_000)
+            page.fill("#prompt", OLD_PROMPT)
+            page.click("#start")
+            page.wait_for_function("window.demo.frames >= 100", timeout=60_000)
+            shown = page.evaluate("({fps: demo.fps, first: demo.firstFrameMs, indices: demo.recent.map(f => f.index)})")
+            fps_text = float(page.inner_text("#fps"))
+            assert shown["fps"] > 0 and fps_text > 0 and shown["first"] > 0, shown  # the page measures its own rate
+            assert shown["indices"] == list(range(shown["indices"][0], shown["indices"][0] + len(shown["indices"])))
+
+            # a bad prompt: a clear message in the page, and frames keep coming
+            page.fill("#prompt", BAD_PROMPT)
+            page.click("#start")
+            page.wait_for_function("document.getElementById('message').className === 'error'", timeout=30_000)
+            assert "purple" in page.inner_text("#message")
+            count = page.evaluate("demo.frames")
+            page.wait_for_function(f"window.demo.frames >= {count + 10}", timeout=30_000)
+
+            # switch the prompt: frames after the switch follow it (ToyBench colour metric on what the page drew)
+            page.fill("#prompt", NEW_PROMPT)
+            page.click("#start")
+            page.wait_for_function("window.demo.recent.filter(f => f.epoch >= 1).length >= 20", timeout=30_000)
+            frames = page.evaluate("demo.recent.filter(f => f.epoch >= 1).slice(0, 20)")
+            page.screenshot(path=str(tmp_path / "serve.png"))
+        finally:
+            browser.close()
+    H, W = frames[0]["height"], frames[0]["width"]
+    rgba = torch.tensor([f["rgba"] for f in frames], dtype=torch.uint8).view(len(frames), H, W, 4)
+    video = rgba[..., :3].permute(0, 3, 1, 2).float() / 127.5 - 1  # [T, 3, H, W]
+    after = video[4:16]  # bench.py prompt-switch: the new colour shows within 3 frames
+    assert toyworld.score_video(after, NEW_PROMPT)["colour"] >= 0.75
+    assert toyworld.score_video(after, OLD_PROMPT)["colour"] <= 0.25
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    if os.environ.get("SERVE_SCREENSHOT"):  # `make screenshot` refreshes docs/serve.png from this test
+        shutil.copy(tmp_path / "serve.png", os.environ["SERVE_SCREENSHOT"])
