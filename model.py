@@ -773,7 +773,8 @@ class Rollout:
     text keys/values of cross-attention; the self-attention cache still holds frames written under the old
     prompt, so the scene changes gradually. mode="recache" also rewrites the visible frames' keys/values under
     the new prompt by replaying their context passes (LongLive's KV re-cache), at the cost of one context pass
-    per visible frame, once.
+    per visible frame, once. The sink is re-cached too (LongLive can keep the sink's old keys instead); layer-0
+    keys/values come before cross-attention and do not change.
     """
 
     def __init__(self, model, context, latent_shape, *, steps, first_block_steps=None, sampler="renoise",
