@@ -204,7 +204,8 @@ def shard_model(model, dist_ctx, mixed_precision=True, cpu_offload=False):
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None,
                                   cast_forward_inputs=False)
     fp32_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None, cast_forward_inputs=False)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # pinned host memory speeds up copies to an accelerator and cannot be allocated without one (a CPU-only run)
+    offload = CPUOffloadPolicy(pin_memory=on_cuda) if cpu_offload else OffloadPolicy()
     for block in model.blocks:
         fully_shard(block, mp_policy=policy, offload_policy=offload)
     for fp32_module in (model.time_embedding, model.time_projection, model.head):
@@ -716,6 +717,9 @@ def make_ema(model):
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
     """θ⁻ ← decay·θ⁻ + (1 − decay)·θ for every parameter (in the parameters' own fp32 storage)."""
+    for m in ema_model.modules():  # FSDP2 leaves the root's parameters unsharded after a forward that has no
+        if hasattr(m, "reshard"):  # backward (the Stage-2 target θ⁻): register the sharded ones again
+            m.reshard()
     for (name_ema, p_ema), (name, p) in zip(ema_model.named_parameters(), model.named_parameters()):
         assert name_ema == name, f"EMA parameter {name_ema} does not line up with {name}"
         p_ema.lerp_(p.detach(), 1.0 - decay)

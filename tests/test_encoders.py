@@ -9,6 +9,11 @@ import torch
 import encoders
 import toyworld
 
+# Our encoders vs the library models (other kernels), and streaming vs whole-video decoding (other shapes),
+# reorder fp32 sums of <= 128 terms: <= 128·u ≈ 8e-6 of their magnitude each, ~10 such sums in sequence, so
+# ~1e-4 on outputs of order 1 on any CPU. A wrong key map or cache is O(1e-1).
+REORDER_TOL = 1e-4
+
 # ---- tiny umT5 + a local T5-style tokenizer (no download) ----
 
 TINY_T5 = dict(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -78,7 +83,7 @@ def test_umt5_from_wan_pth_matches_direct(tiny_t5):
     with torch.no_grad():
         ref = model(**tokens).last_hidden_state
     for b, n in enumerate(lengths):
-        torch.testing.assert_close(e[b, :n], ref[b, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e[b, :n], ref[b, :n], rtol=REORDER_TOL, atol=REORDER_TOL)
         assert (e[b, n:] == 0).all()
     assert enc.negative_prompt == encoders.WAN_NEGATIVE_PROMPT and enc.negative_prompt.startswith("色调艳丽")
     # truncation keeps the length fixed at text_len
@@ -93,7 +98,7 @@ def test_umt5_from_hf_folder_and_factory(tiny_t5, tmp_path):
     b = encoders.UMT5TextEncoder.from_wan_folder(wan_dir, dtype=torch.float32, config=TINY_T5)
     prompts = ["a red circle moves left quickly"]
     assert a.text_len == 512
-    torch.testing.assert_close(a.encode(prompts), b.encode(prompts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.encode(prompts), b.encode(prompts), rtol=REORDER_TOL, atol=REORDER_TOL)
     toy = encoders.load_text_encoder("toy")
     assert isinstance(toy, toyworld.ToyTextEncoder)
 
@@ -177,10 +182,10 @@ def test_wan_vae_from_pth_matches_direct(tiny_vae):
         mu = vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist.mean                       # [B, C, F, h, w]
         ref_z = ((mu - mean) / std).permute(0, 2, 1, 3, 4)
         ref_video = vae.decode(z.permute(0, 2, 1, 3, 4) * std + mean).sample.permute(0, 2, 1, 3, 4)
-    torch.testing.assert_close(z, ref_z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, ref_z, rtol=REORDER_TOL, atol=REORDER_TOL)
     out = codec.decode(z)
     assert out.shape == video.shape and out.abs().max() <= 1
-    torch.testing.assert_close(out, ref_video, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref_video, rtol=REORDER_TOL, atol=REORDER_TOL)
     with pytest.raises(AssertionError):
         codec.encode(video[:, :8])   # not 4k+1 frames
 
@@ -193,10 +198,10 @@ def test_wan_vae_streaming_decode_equals_full(tiny_vae):
     decoder = codec.stream_decoder()
     parts = [decoder.decode_next(z[:, i:i + 1]) for i in range(4)]
     assert [p.shape[1] for p in parts] == [1, 4, 4, 4]
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=REORDER_TOL)
     decoder = codec.stream_decoder()   # blocks of several latent frames work too (chunk-wise models)
     chunked = torch.cat([decoder.decode_next(z[:, :1]), decoder.decode_next(z[:, 1:4])], 1)
-    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=REORDER_TOL)
 
 
 def test_wan_vae_strict_and_diffusers_folder(tiny_vae, tmp_path):
@@ -210,5 +215,5 @@ def test_wan_vae_strict_and_diffusers_folder(tiny_vae, tmp_path):
     a = encoders.load_codec(str(tmp_path))   # a -Diffusers folder with vae/
     b = encoders.WanVAE.from_wan_pth(folder / encoders.WAN_VAE_FILE, config=TINY_VAE)
     video = torch.rand(1, 5, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    torch.testing.assert_close(a.encode(video), b.encode(video), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.encode(video), b.encode(video), rtol=REORDER_TOL, atol=REORDER_TOL)
     assert isinstance(encoders.load_codec("toy"), toyworld.ToyCodec)

@@ -40,6 +40,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+# The same fp32 mathematics computed with other shapes (a KV cache vs one long sequence, another attention
+# backend, cond+uncond batched vs apart) reorders sums: one of n <= 64 terms moves by <= n·u ≈ 4e-6 of its
+# magnitude, and ~10 such sums in sequence through a 2-block model keep the relative error below ~4e-5 on any
+# CPU. A wrong mask, cache slot or step changes the outputs by > 1e-3 (asserted where it could be vacuous).
+REORDER_TOL = 1e-4
+
+
 # ---- masks ----
 
 
@@ -84,7 +91,7 @@ def test_cached_rollout_equals_block_causal_forward(frames_per_block):
         cache = M.KVCache(model.cfg, 2, 6, model.tokens_per_frame(4, 6))
         blocks = [model(x[:, f:f + K], t[:, f:f + K], context, cache=cache, start_frame=f) for f in range(0, 6, K)]
     cached = torch.cat(blocks, dim=1)
-    assert rel_err(cached, full) <= 1e-5
+    assert rel_err(cached, full) <= REORDER_TOL
     assert cache.filled_frames == 6
     # the bidirectional forward differs (frames see the future), so the comparison above is not vacuous
     assert rel_err(model(x, t, context, causal=False), full) > 1e-3
@@ -105,7 +112,7 @@ def test_teacher_forcing_equals_cached_inference_with_clean_context(frames_per_b
             for f in range(0, b0, K):  # context passes: clean frames < b0 at t = 0
                 model(clean[:, f:f + K], torch.zeros(2, K), context, cache=cache, start_frame=f)
             out = model(x_noisy[:, b0:b0 + K], t[:, b0:b0 + K], context, cache=cache, start_frame=b0)
-            assert rel_err(out, tf[:, b0:b0 + K]) <= 1e-5, f"block at frame {b0}"
+            assert rel_err(out, tf[:, b0:b0 + K]) <= REORDER_TOL, f"block at frame {b0}"
 
 
 @pytest.mark.parametrize("mode", ["block_causal", "teacher_forcing"])
@@ -155,7 +162,7 @@ def test_flex_blockmask_backend_equals_dense_on_cpu():
         finally:
             M.set_attention_backend("dense")
     for a, b in zip(dense, flex):
-        assert rel_err(b, a) <= 1e-5
+        assert rel_err(b, a) <= REORDER_TOL
 
 
 def test_uniform_t_broadcast_and_per_frame_modulation():
@@ -271,7 +278,7 @@ def test_checkpointed_exit_steps_get_the_same_gradients_in_any_backward_order():
     for checkpointing, block1_first in ((True, True), (True, False), (False, True)):
         got = grads(checkpointing, block1_first)
         assert got.keys() == reference.keys()
-        for name in reference:
+        for name in reference:  # the same ops on the same shapes; only autograd's accumulation order may differ
             torch.testing.assert_close(got[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -339,7 +346,7 @@ def test_generate_cfg_one_euler_step_by_hand():
         t = torch.full((1, 1), 800.0)
         v_c, v_u = model(noise, t, context[:1], causal=True), model(noise, t, uncond, causal=True)
     expected = noise - 0.8 * (v_u + 3.0 * (v_c - v_u))  # x_0 = x_t + (σ_next − σ)·v with σ: 0.8 → 0
-    assert rel_err(out, expected) <= 1e-5
+    assert rel_err(out, expected) <= REORDER_TOL
 
 
 def test_generate_renoise_one_step_is_x0_prediction():
@@ -348,7 +355,7 @@ def test_generate_renoise_one_step_is_x0_prediction():
     out = M.generate(model, noise, context[:1], steps=[1000.0])
     with torch.no_grad():
         v = model(noise, torch.full((1, 1), 1000.0), context[:1], causal=True)
-    assert rel_err(out, noise - v) <= 1e-6  # σ = 1: x0 = x_t − v
+    assert rel_err(out, noise - v) <= REORDER_TOL  # σ = 1: x0 = x_t − v
 
 
 def test_generate_with_teacher_context_equals_teacher_forcing_euler():
@@ -364,7 +371,7 @@ def test_generate_with_teacher_context_equals_teacher_forcing_euler():
             t_next = grid[i + 1] if i + 1 < len(grid) else 0.0
             v = model(x, torch.full((1, 3), t), context[:1], clean_x=gt)
             x = x + (t_next - t) / 1000 * v
-    assert rel_err(out, x) <= 1e-5
+    assert rel_err(out, x) <= REORDER_TOL
 
 
 def test_generate_rejects_bad_step_lists():
@@ -467,6 +474,8 @@ def test_bf16_model_runs_close_to_fp32():
     with torch.no_grad():
         ref = model(x, t, context, causal=True)
         out = model.to(torch.bfloat16)(x, t, context, causal=True)
+    # bf16 keeps 8 bits: each weight and activation rounds by <= 2^-9 ≈ 2e-3 relative, and ~10 rounded stages
+    # in sequence stay below 2e-2 on any CPU; a precision bug (e.g. bf16 timesteps) is O(1)
     assert out.dtype == torch.float32 and rel_err(out, ref) < 5e-2
 
 
@@ -484,7 +493,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         x, context, _ = inputs(model)
         model(x, torch.full((2, 6), 500.0), context, clean_x=x * 0.5).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)  # recomputation runs the same ops and shapes
 
 
 def test_generate_bidirectional_cfg_one_step_by_hand():
@@ -495,4 +504,4 @@ def test_generate_bidirectional_cfg_one_step_by_hand():
     with torch.no_grad():
         t = torch.full((1, 3), 600.0)
         v_c, v_u = model(noise, t, context, causal=False), model(noise, t, uncond, causal=False)
-    assert rel_err(out, noise - 0.6 * (v_u + 2.0 * (v_c - v_u))) <= 1e-5
+    assert rel_err(out, noise - 0.6 * (v_u + 2.0 * (v_c - v_u))) <= REORDER_TOL

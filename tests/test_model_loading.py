@@ -39,7 +39,10 @@ TEXT_DIM, TEXT_LEN, FFN_DIM, FREQ_DIM, LAYERS, CH = 32, 24, 128, 256, 2, 16
 B, F, H, W = 2, 3, 6, 10  # 3 x 5 tokens per frame (non-square)
 TEXT_LENS = (7, 12)
 T_PER_SAMPLE = (999.0, 437.5)
-PARITY_RTOL = 1e-5
+# ours vs diffusers (other kernels, attention via SDPA), a causal prefix vs the whole clip, and t [B] vs t [B, F]
+# reorder fp32 sums of <= 256 terms: <= 256·u ≈ 1.5e-5 of their magnitude each, and ~10 such sums in sequence
+# through 2 blocks stay below ~1e-4 relative on any CPU. A wrong key map, RoPE split or mask is O(1e-2) or more.
+PARITY_RTOL = 1e-4
 
 # (num_heads, head_dim). RoPE real-dim split d-4(d//6), 2(d//6), 2(d//6):
 #   32 -> 12/10/10 (uneven), 20 -> 8/6/6 (uneven, odd pair counts 4/3/3, 3 heads)
@@ -283,8 +286,9 @@ def test_diffusers_parity_per_frame_t(ref):
     assert rel <= PARITY_RTOL
     # t [B] must equal t [B,F] with the same value repeated
     x, t, ctx = make_inputs()
-    torch.testing.assert_close(run_ours(model, x, t, ctx), run_ours(model, x, t[:, None].expand(B, F), ctx),
-                               rtol=0, atol=1e-6)
+    same_t = run_ours(model, x, t, ctx)
+    torch.testing.assert_close(same_t, run_ours(model, x, t[:, None].expand(B, F), ctx), rtol=0,
+                               atol=PARITY_RTOL * same_t.abs().max().item())
 
 
 def test_causal_one_layer_matches_diffusers_on_prefixes(tmp_path):
@@ -320,12 +324,12 @@ def test_causal_prefix_consistency(ref):
     assert rel0 <= PARITY_RTOL
     for f in range(1, F):
         pre = run_ours(model, x[:, :f], tf[:, :f], ctx, causal=True)
-        torch.testing.assert_close(out[:, :f], pre, rtol=0, atol=1e-5 * out.abs().max().item())
+        torch.testing.assert_close(out[:, :f], pre, rtol=0, atol=PARITY_RTOL * out.abs().max().item())
     x2, tf2 = x.clone(), tf.clone()
     x2[:, -1] = torch.randn_like(x2[:, -1])
     tf2[:, -1] = 111.0
     out2 = run_ours(model, x2, tf2, ctx, causal=True)
-    torch.testing.assert_close(out2[:, :-1], out[:, :-1], rtol=0, atol=1e-5 * out.abs().max().item())
+    torch.testing.assert_close(out2[:, :-1], out[:, :-1], rtol=0, atol=PARITY_RTOL * out.abs().max().item())
     assert (out2[:, -1] - out[:, -1]).abs().max() > 1e-2
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import model as M
 import sample
 import toyworld
 from helpers import tiny_frame_wise_checkpoint
@@ -113,3 +114,51 @@ def test_command_line_prints_one_error_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("sample.py: error: checkpoint")
     assert not (tmp_path / "out").exists()
+
+
+def test_multi_step_sampling_is_euler_with_cfg_on_the_shifted_grid(tiny_ckpt, tmp_path):
+    """--sample_steps (Stage-1 AR diffusion models): `sample_steps`-step Euler on the shift-5 grid with CFG
+    u + w(c − u) against the negative prompt — exactly model.generate's Euler sampler, decoded by the codec."""
+    prompt = "a red circle moves left quickly"
+    video = run(tiny_ckpt, tmp_path / "multi", "--prompt", prompt, "--num_frames", "3", "--sample_steps", "3",
+                "--cfg", "2.5")[prompt]
+    model = M.CausalWanModel(M.config_from_checkpoint(tiny_ckpt)).eval()
+    M.load_weights(model, tiny_ckpt)
+    text, codec = toyworld.ToyTextEncoder(), toyworld.ToyCodec()
+    noise = torch.randn((1, 3, toyworld.TOY_LATENT_CHANNELS, toyworld.TOY_LATENT_SIZE, toyworld.TOY_LATENT_SIZE),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = M.generate(model, noise, text.encode([prompt]), steps=M.timestep_grid(3, 5.0).tolist(),
+                             sampler="euler", uncond_context=text.encode([text.negative_prompt]), guidance_scale=2.5)
+    assert torch.equal(video, codec.decode(latents)[0])  # the same calls in the same process: bit for bit
+    few_step = run(tiny_ckpt, tmp_path / "few", "--prompt", prompt, "--num_frames", "3")[prompt]
+    assert not torch.equal(video, few_step)
+
+
+def test_official_pt_loads_its_ema_weights_with_the_architecture_from_wan_dir(tmp_path):
+    """An official Causal-Forcing .pt carries weights only: sample.py takes the architecture from --wan_dir's
+    Wan config.json, the generator_ema weights with --use_ema (the raw generator without), and the text
+    encoder / VAE from the Wan folder; without --wan_dir it says so in one line."""
+    import argparse
+    import json
+    from helpers import tiny_random_model
+    ema, raw = tiny_random_model(5), tiny_random_model(6)
+    path = tmp_path / "causal_forcing.pt"
+    torch.save({"generator_ema": {"model." + k: v for k, v in ema.state_dict().items()},
+                "generator": {"model." + k: v for k, v in raw.state_dict().items()}}, path)
+    wan_dir = tmp_path / "wan"
+    wan_dir.mkdir()
+    c = ema.cfg
+    (wan_dir / "config.json").write_text(json.dumps(dict(
+        dim=c.dim, ffn_dim=c.ffn_dim, freq_dim=c.freq_dim, num_heads=c.num_heads, num_layers=c.num_layers,
+        in_dim=c.in_dim, out_dim=c.out_dim, text_dim=c.text_dim, text_len=c.text_len)))
+    for use_ema, expected in ((True, ema), (False, raw)):
+        args = sample.parse_args(["--ckpt", str(path), "--wan_dir", str(wan_dir), "--prompt", "x",
+                                  *(["--use_ema"] if use_ema else [])])
+        model, info = sample.load_generator(args)
+        assert info["stage"] == "official" and info["text_encoder"] == info["codec"] == str(wan_dir)
+        assert model.cfg.causal and model.cfg.num_layers == 1  # few-step sampling: autoregressive
+        assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items()), use_ema
+    with pytest.raises(sample.SampleError, match="pass --wan_dir") as error:
+        sample.load_generator(argparse.Namespace(**{**vars(args), "wan_dir": None}))
+    assert "\n" not in str(error.value)

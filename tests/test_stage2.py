@@ -1,15 +1,16 @@
 """Stage 2: causal CD (eq. 3-4) by hand, gradient isolation, the ODE baseline vs generate(), toy runs."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, read_metrics, sigkill_resume_equals_straight
+from helpers import (REPO, assert_adam_step, assert_close_across_processes, assert_same_run, cli_args,
+                     kill_resume_equals_straight, read_metrics, run_script, tiny_checkpoint)
+from safetensors.torch import load_file
 
 import common
 import model as M
-import stage1_teacher_forcing as S1
 import stage2_causal_cd as S2
+import toyworld
 
 
 def tiny_model(seed):
@@ -116,7 +117,9 @@ def test_ode_trajectory_endpoint_equals_teacher_sampling_through_generate():
     sampled = M.generate(teacher, noise, cond, steps=grid.tolist(), sampler="euler", uncond_context=uncond,
                          guidance_scale=6.0, teacher_context=x_gt)
     err = ((states[:, -1] - sampled).abs().max() / sampled.abs().max()).item()
-    assert err <= 1e-5, err
+    # two code paths (teacher-forced batch vs generate's per-block calls) reorder fp32 sums of <= 96 terms over
+    # 8 steps: <= 8·~10·96·u ≈ 5e-5 relative on any CPU; a wrong step or CFG weight is O(1e-2) or more
+    assert err <= 1e-4, err
 
 
 def test_ode_regression_loss_by_hand():
@@ -130,7 +133,10 @@ def test_ode_regression_loss_by_hand():
     assert loss.item() == pytest.approx(0.04)
 
 
-# ---- toy runs ----
+# ---- toy runs (a tiny 1-layer, 32-wide teacher: what these tests check does not depend on width) ----
+
+SCRIPT = REPO / "stage2_causal_cd.py"
+LR, BETA2, EMA_DECAY = 1e-3, 0.999, 0.9
 
 
 @pytest.fixture(scope="module")
@@ -139,48 +145,85 @@ def toy_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
     data = str(root / "data")
     prepare_toy(8, data, seed=0, shard_size=8)
-    teacher = str(root / "tf")
-    args = dict(model_preset="toy", init_from=None, data_dir=data, text_encoder="toy", codec="toy", device="cpu",
-                mixed_precision=False, activation_checkpointing=False, lr=1e-3, beta1=0.9, batch_size=2,
-                grad_accum=1, max_steps=2, save_every=2, sample_every=0, out_dir=teacher)
-    S1.main(common.load_config(S1.Config, [f"--{k}={'null' if v is None else v}" for k, v in args.items()]))
-    return data, teacher
+    return data, tiny_checkpoint(root / "tf", seed=0, stage="stage1")  # every weight random, the head too
 
 
 def stage2_args(data, teacher, out_dir, **overrides):
     args = dict(teacher=teacher, data_dir=data, text_encoder="toy", codec="toy", device="cpu", mixed_precision=False,
-                activation_checkpointing=False, lr=1e-3, beta1=0.9, batch_size=2, grad_accum=1, max_steps=2,
-                log_every=1, save_every=2, sample_every=0, out_dir=out_dir)
+                activation_checkpointing=False, lr=LR, beta1=0.0, beta2=BETA2, weight_decay=0.0,
+                ema_decay=EMA_DECAY, batch_size=2, grad_accum=1, max_steps=2, log_every=1, save_every=2,
+                sample_every=0, out_dir=out_dir)
     args.update(overrides)
-    return [f"--{k}={v}" for k, v in args.items()]
+    return cli_args(**args)
 
 
 def losses(out_dir):
     return [r["loss"] for r in read_metrics(out_dir) if "loss" in r]
 
 
-def test_toy_cd_run_lowers_the_cd_loss_and_resumes_exactly(toy_teacher, tmp_path):
+def weights_at(run_dir, step, name="model"):
+    return load_file(os.path.join(run_dir, f"step_{step:07d}", f"{name}.safetensors"))
+
+
+def adam_state_at(run_dir, step):
+    state = torch.load(os.path.join(run_dir, f"step_{step:07d}", "state.pt"), map_location="cpu", weights_only=True)
+    return state["optimizers"]["optimizer"]["state"]
+
+
+def fixed_cd_loss(student_weights, target_weights, teacher_dir, data, grid_points):
+    """The CD loss on a fixed batch (all 8 clips, two fixed noise draws) summed over every interval of the grid,
+    with a fixed target network: what a training curve whose every step draws its own batch, noise and
+    interval cannot show."""
+    import encoders
+
+    def net(weights):
+        model = S2.build_model(teacher_dir, False, "network")[0].eval().requires_grad_(False)
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
+    student, target, teacher = net(student_weights), net(target_weights), net(None)
+    clips = common.LatentShards(data)
+    x_gt = torch.stack([clips.get(i)[0] for i in range(len(clips))])
+    text = encoders.load_text_encoder("toy", "cpu")
+    context, uncond = text.encode(clips.prompts), text.encode([text.negative_prompt] * len(clips))
+    grid = M.timestep_grid(grid_points, 5.0)
+    total = 0.0
+    with torch.no_grad():
+        for seed in (0, 1):
+            noise = torch.randn(x_gt.shape, generator=torch.Generator().manual_seed(seed))
+            for k in range(grid_points - 1):
+                t, t_next = (torch.full(x_gt.shape[:2], grid[i].item()) for i in (k, k + 1))
+                total += S2.cd_loss(student, target, teacher, x_gt, noise, t, t_next, context, uncond, 3.0,
+                                    torch.ones(len(clips)))[0].item()
+    return total
+
+
+def test_toy_cd_run_lowers_the_cd_loss_on_a_fixed_batch_and_resumes_exactly(toy_teacher, tmp_path):
     data, teacher = toy_teacher
+    # a stationary objective: the target θ⁻ stays θ_0 (ema_decay 1) and the grid has 3 points (2 intervals)
+    args = dict(cd_grid_points=3, ema_decay=1.0, lr=3e-4, batch_size=4, max_steps=12, save_every=6)
     straight = str(tmp_path / "cd")
-    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, straight, max_steps=12, save_every=6)))
-    curve = losses(straight)
-    assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3]), curve
+    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, straight, **args)))
+    # on a fixed batch, noise and intervals, against the same target, the trained student is much closer
+    initial = load_file(os.path.join(teacher, "model.safetensors"))
+    before = fixed_cd_loss(initial, initial, teacher, data, 3)
+    after = fixed_cd_loss(weights_at(straight, 12), initial, teacher, data, 3)
+    print(f"CD loss on a fixed batch and intervals: {before:.2e} at the start, {after:.2e} after 12 steps")
+    assert after < 0.5 * before, (before, after)
     resumed = str(tmp_path / "cd_resumed")
-    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, resumed, max_steps=6, save_every=6)))
-    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, resumed, max_steps=12, save_every=6,
-                                                      resume="true")))
+    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, resumed, **{**args, "max_steps": 6})))
+    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, resumed, **args, resume="true")))
     assert_same_run(straight, resumed, num_rows=1 + 12)  # the step-0 row holds the (here zero) ODE data cost
-    # cumulative teacher forwards: cond + uncond for a batch of 2 per step, continued across the resume
+    # cumulative teacher forwards: cond + uncond for a batch of 4 per step, continued across the resume
     forwards = [r["teacher_forwards"] for r in read_metrics(resumed) if "loss" in r]
-    assert forwards == [2 * 2 * step for step in range(1, 13)], forwards
+    assert forwards == [2 * 4 * step for step in range(1, 13)], forwards
 
 
 def test_toy_ode_run_stores_trajectories_and_reports_cost(toy_teacher, tmp_path):
     data, teacher = toy_teacher
     out = str(tmp_path / "ode")
     S2.main(common.load_config(S2.Config, stage2_args(data, teacher, out, method="ode", ode_steps=8,
-                                                      ode_nominal_steps="[1000, 500]", beta1=0.9)))
-    from safetensors.torch import load_file
+                                                      ode_nominal_steps="[1000, 500]")))
     shard = load_file(os.path.join(out, "ode_data", "shard_00000.safetensors"))
     assert shard["states"].shape == (8, 3, 12, 12, 16, 16) and shard["latents"].shape == (8, 12, 12, 16, 16)
     first = read_metrics(out)[0]
@@ -189,16 +232,53 @@ def test_toy_ode_run_stores_trajectories_and_reports_cost(toy_teacher, tmp_path)
     assert len(losses(out)) == 2
 
 
-def test_toy_cd_sample_grid(toy_teacher, tmp_path):
+def test_toy_cd_sample_grid_shows_the_ema_student(toy_teacher, tmp_path):
+    import encoders
+    import imageio.v3 as iio
+    import numpy as np
     data, teacher = toy_teacher
     out = str(tmp_path / "cd_grid")
-    S2.main(common.load_config(S2.Config, stage2_args(data, teacher, out, max_steps=1, sample_every=1, num_samples=2)))
-    assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
+    cfg = common.load_config(S2.Config, stage2_args(data, teacher, out, max_steps=2, sample_every=2, num_samples=2))
+    S2.main(cfg)
+    checkpoint = common.latest_checkpoint(out)
+    ema = M.CausalWanModel(M.config_from_checkpoint(checkpoint))
+    M.load_weights(ema, checkpoint, use_ema=True)
+    assert any(not torch.equal(weights_at(out, 2)[k], v) for k, v in ema.state_dict().items())
+    prompts = toyworld.heldout_prompts()[:2]
+    videos = S2.sample_students(ema.eval(), cfg, encoders.load_text_encoder("toy", "cpu"),
+                                encoders.load_codec("toy", "cpu"), prompts, (12, 12, 16, 16), torch.device("cpu"),
+                                None)
+    expected = common.save_png_grid(videos, str(tmp_path / "expected.png"), scale=2)
+    assert np.array_equal(iio.imread(os.path.join(out, "samples_0000002.png")), iio.imread(expected))
+    rows = [r for r in read_metrics(out) if "toybench/total" in r]
+    assert [r["toybench/total"] for r in rows] == [pytest.approx(toyworld.score(videos, prompts)["total"])]
 
 
-def test_cd_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(toy_teacher, tmp_path):
+def test_two_rank_fsdp2_cd_step_equals_single_process(toy_teacher, tmp_path):
+    """Stage 2 under torchrun: teacher, student and EMA student sharded on 2 gloo ranks (batch 1 each, 2
+    micro-steps) against one process with batch 2; compared as helpers.assert_close_across_processes explains.
+    Each run's step is AdamW of its recorded gradient from the teacher's weights, and its EMA moved 1 − decay
+    of the way to the new weights."""
     data, teacher = toy_teacher
-    script = Path(__file__).resolve().parents[1] / "stage2_causal_cd.py"
-    killed_at = sigkill_resume_equals_straight(
-        script, lambda out: stage2_args(data, teacher, out, max_steps=10, save_every=1), tmp_path, kill_after_rows=4)
-    print(f"stage 2 SIGKILL left {killed_at} as latest; resumed run == uninterrupted run, bit for bit")
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "fsdp")
+    overrides = dict(grad_accum=2, max_steps=1, save_every=1)
+    run_script(SCRIPT, stage2_args(data, teacher, single, batch_size=2, **overrides))
+    run_script(SCRIPT, stage2_args(data, teacher, sharded, batch_size=1, **overrides), nproc=2)
+    assert_close_across_processes(single, sharded, ("loss", "grad_norm"))
+    initial = load_file(os.path.join(teacher, "model.safetensors"))
+    for run in (single, sharded):
+        assert_adam_step(initial, weights_at(run, 1), adam_state_at(run, 1), LR, 0.0, 0.0, BETA2)
+        ema, model = weights_at(run, 1, "ema"), weights_at(run, 1)
+        for k in initial:  # θ⁻ = lerp(θ⁻_0, θ_1, 1 − decay), a few fp32 roundings
+            torch.testing.assert_close(ema[k], torch.lerp(initial[k], model[k], 1 - EMA_DECAY), rtol=0,
+                                       atol=4 * 6e-8 * (initial[k].abs().max().item() + 1e-3))
+
+
+def test_cd_run_killed_in_a_checkpoint_write_resumes_to_the_uninterrupted_result(toy_teacher, tmp_path):
+    data, teacher = toy_teacher
+    args = lambda out: stage2_args(data, teacher, out, max_steps=6, save_every=1)  # noqa: E731
+    straight = str(tmp_path / "straight")
+    run_script(SCRIPT, args(straight))
+    # killed inside step 3's checkpoint write: a torn temporary directory, step 2 stays latest
+    left = kill_resume_equals_straight(SCRIPT, args, tmp_path, straight, ["pause_in_write:3"])
+    assert [os.path.basename(p) for p in left] == ["step_0000002"], left

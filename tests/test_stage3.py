@@ -2,14 +2,17 @@
 network each update touches, a toy run with exact resume."""
 import os
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_same_run, read_metrics
+from helpers import (REPO, assert_adam_step, assert_close_across_processes, assert_same_run, cli_args,
+                     kill_resume_equals_straight, read_metrics, run_script, tiny_checkpoint)
+from safetensors.torch import load_file
 
 import common
 import model as M
-import stage1_teacher_forcing as S1
 import stage3_asym_dmd as S3
+import toyworld
 
 
 def tiny_model(seed, frames_per_block=1, causal=True):
@@ -179,83 +182,140 @@ def test_generator_pass_grads_only_the_generator_and_critic_pass_only_the_critic
         x_t = M.add_noise(x.detach(), torch.randn_like(x), t)
         x0_fake = M.x0_from_v(x_t, fake(x_t, t, context, causal=False), t)
         x0_real = S3.real_score_x0(real, x_t, t, context, torch.zeros_like(context), 4.0)
-    S3.dmd_generator_loss(x, S3.dmd_gradient(x.detach(), x0_fake, x0_real)).backward()
-    assert all(p.grad is not None for p in generator.blocks.parameters())
+    gradient = S3.dmd_gradient(x.detach(), x0_fake, x0_real)
+    params = list(generator.blocks.parameters())
+    # the generator's parameters get exactly the DMD gradient pushed back through the rollout: the
+    # vector-Jacobian product of gradient/numel (what d loss/dx is), computed here independently of the loss
+    expected = torch.autograd.grad(x, params, grad_outputs=gradient / x.numel(), retain_graph=True)
+    S3.dmd_generator_loss(x, gradient).backward()
+    for p, e in zip(params, expected):  # same graph, same process: only the float64 loss's last rounding differs
+        assert p.grad is not None and p.grad.abs().sum() > 0
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-12)
     assert all(p.grad is None for p in list(fake.parameters()) + list(real.parameters()))
     generator.zero_grad(set_to_none=True)
     with torch.no_grad():
         x = S3.self_rollout(generator, noise, context, TWO_STEP, FOUR_STEP, 0, 1, torch.Generator().manual_seed(1))
     S3.critic_loss(fake, x, torch.randn_like(x), t, context).backward()
     assert all(p.grad is None for p in list(generator.parameters()) + list(real.parameters()))
-    assert all(p.grad is not None for p in fake.blocks.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.blocks.parameters())
 
 
-# ---- toy run ----
+# ---- toy runs (a tiny 1-layer, 32-wide generator, real and fake score: what these tests check does not
+# depend on width) ----
+
+LR, CRITIC_LR, BETA2 = 1e-3, 1e-3, 0.999
 
 
 @pytest.fixture(scope="module")
-def toy_base(tmp_path_factory):
-    from prepare_data import prepare_toy
+def dmd_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage3")
-    data = str(root / "data")
-    prepare_toy(8, data, seed=0, shard_size=8)
-    base = str(root / "base")
-    args = dict(model_preset="toy", init_from=None, causal="false", data_dir=data, text_encoder="toy", codec="toy",
-                device="cpu", mixed_precision=False, activation_checkpointing=False, lr=1e-3, beta1=0.9,
-                batch_size=2, grad_accum=1, max_steps=2, save_every=1, sample_every=0, out_dir=base)
-    S1.main(common.load_config(S1.Config, [f"--{k}={'null' if v is None else v}" for k, v in args.items()]))
-    return data, base  # base/step_0000001 and base/step_0000002 (latest): two different bidirectional models
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(toyworld.heldout_prompts()[:6]) + "\n")
+    # the generator checkpoint holds different raw and EMA weights, so loading the wrong one is visible; real
+    # and fake score differ, so x0_fake != x0_real and the DMD gradient is far from zero from the first step
+    return dict(generator=tiny_checkpoint(root / "gen", seed=1, ema_seed=2), real=tiny_checkpoint(root / "real", 3, False),
+                fake=tiny_checkpoint(root / "fake", 4, False), prompts=str(prompts))
 
 
-def stage3_args(data, base, out_dir, **overrides):
-    # real score = the base, fake score and generator = the base one step earlier, so x0_fake ≠ x0_real and the
-    # DMD gradient is far from zero from the first step
-    earlier = os.path.join(base, "step_0000001")
-    args = dict(generator=earlier, generator_use_ema="false", real_score=base, fake_score=earlier, prompts=data,
-                text_encoder="toy", codec="toy", num_frames=3, latent_height=16, latent_width=16, device="cpu",
-                mixed_precision="false", activation_checkpointing="true", lr=1e-3, critic_lr=1e-3, batch_size=1,
-                grad_accum=2, critic_updates=2, max_steps=4, ema_start=2, log_every=1, save_every=2,
+def stage3_args(models, out_dir, **overrides):
+    args = dict(generator=models["generator"], generator_use_ema="true", real_score=models["real"],
+                fake_score=models["fake"], prompts=models["prompts"], text_encoder="toy", codec="toy", num_frames=3,
+                latent_height=16, latent_width=16, device="cpu", mixed_precision="false",
+                activation_checkpointing="true", lr=LR, critic_lr=CRITIC_LR, beta1=0.0, beta2=BETA2, weight_decay=0.0,
+                batch_size=1, grad_accum=1, critic_updates=2, max_steps=4, ema_start=2, log_every=1, save_every=1,
                 sample_every=0, out_dir=out_dir)
     args.update(overrides)
-    return [f"--{k}={v}" for k, v in args.items()]
+    return cli_args(**args)
 
 
-def metrics(out_dir):
-    return [{k: v for k, v in r.items() if k != "sec_per_step"} for r in read_metrics(out_dir)]
+SCRIPT = REPO / "stage3_asym_dmd.py"
 
 
-def test_toy_dmd_run_trains_both_networks_and_resumes_exactly(toy_base, tmp_path):
-    from safetensors.torch import load_file
-    data, base = toy_base
-    straight = str(tmp_path / "dmd")
-    S3.main(common.load_config(S3.Config, stage3_args(data, base, straight)))
-    rows = metrics(straight)
+@pytest.fixture(scope="module")
+def dmd_straight(dmd_models, tmp_path_factory):
+    """The uninterrupted 4-step run the resume and kill tests compare with (a fresh process, one thread)."""
+    out = str(tmp_path_factory.mktemp("dmd_straight") / "run")
+    run_script(SCRIPT, stage3_args(dmd_models, out))
+    return out
+
+
+def weights_at(run_dir, step, name):
+    return load_file(os.path.join(run_dir, f"step_{step:07d}", f"{name}.safetensors"))
+
+
+def optimizer_state(run_dir, step, name):
+    state = torch.load(os.path.join(run_dir, f"step_{step:07d}", "state.pt"), map_location="cpu", weights_only=True)
+    return state["optimizers"][name]["state"]
+
+
+def test_toy_dmd_run_trains_both_networks_from_the_right_weights_and_resumes_exactly(dmd_models, dmd_straight,
+                                                                                     tmp_path):
+    rows = read_metrics(dmd_straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["critic_loss"] > 0 and r["generator_loss"] > 0 for r in rows)
-    resumed = str(tmp_path / "dmd_resumed")
-    S3.main(common.load_config(S3.Config, stage3_args(data, base, resumed, max_steps=2)))
-    S3.main(common.load_config(S3.Config, stage3_args(data, base, resumed, resume="true")))
-    assert_same_run(straight, resumed, num_rows=4)  # every weight file of the last checkpoint + every metrics row
-    initial = load_file(os.path.join(base, "step_0000001", "model.safetensors"))
-    final = {name: load_file(os.path.join(common.latest_checkpoint(straight), f"{name}.safetensors"))
-             for name in ("model", "ema", "critic")}
-    for name, weights in final.items():
-        assert any(not torch.equal(weights[k], initial[k]) for k in weights), f"{name} never changed"
-    # generator and critic moved apart (each got only its own updates); the EMA trails the generator after step 2
+    # step 1 of the generator is AdamW applied to the Stage-2 EMA weights (generator_use_ema=true) with the
+    # moments it recorded; and the DMD gradient is not zero: Adam's first step is about lr·sign(g) wherever
+    # |g| >> eps, so most weights of every parameter moved by more than lr/2 (an all-zero gradient moves none)
+    initial = load_file(os.path.join(dmd_models["generator"], "ema.safetensors"))
+    state = optimizer_state(dmd_straight, 1, "optimizer")
+    after = weights_at(dmd_straight, 1, "model")
+    assert_adam_step(initial, after, state, LR, 0.0, 0.0, BETA2)
+    moved = {k: ((after[k] - initial[k]).abs() > LR / 2).float().mean().item() for k in state}
+    assert min(moved.values()) > 0.5, moved
+    # the critic (2 updates in step 1) moved off the fake score's weights the same way
+    fake = load_file(os.path.join(dmd_models["fake"], "model.safetensors"))
+    critic = weights_at(dmd_straight, 1, "critic")
+    moved = {k: ((critic[k] - fake[k]).abs() > CRITIC_LR / 2).float().mean().item() for k in fake}
+    assert min(moved.values()) > 0.5, moved
+    for step in (2, 3, 4):  # every later generator step is AdamW on the previous step's weights
+        assert_adam_step(weights_at(dmd_straight, step - 1, "model"), weights_at(dmd_straight, step, "model"),
+                         optimizer_state(dmd_straight, step, "optimizer"), LR, 0.0, 0.0, BETA2)
+    # the EMA copies the generator until ema_start = 2, then trails it: ema_3 = 0.99·ema_2 + 0.01·model_3
     key = "blocks.0.self_attn.q.weight"
-    assert not torch.equal(final["model"][key], final["critic"][key])
-    assert not torch.equal(final["ema"][key], final["model"][key])
-    at_start = load_file(os.path.join(straight, "step_0000002", "ema.safetensors"))
-    model_at_start = load_file(os.path.join(straight, "step_0000002", "model.safetensors"))
-    assert torch.equal(at_start[key], model_at_start[key])  # until ema_start the EMA is a copy
+    assert torch.equal(weights_at(dmd_straight, 2, "ema")[key], weights_at(dmd_straight, 2, "model")[key])
+    expected = torch.lerp(weights_at(dmd_straight, 2, "ema")[key], weights_at(dmd_straight, 3, "model")[key], 0.01)
+    torch.testing.assert_close(weights_at(dmd_straight, 3, "ema")[key], expected, rtol=0, atol=1e-7)
+    assert not torch.equal(weights_at(dmd_straight, 4, "model")[key], weights_at(dmd_straight, 4, "critic")[key])
+    # a run stopped at step 2 and continued to step 4 ends where the uninterrupted run ends, bit for bit
+    resumed = str(tmp_path / "resumed")
+    run_script(SCRIPT, stage3_args(dmd_models, resumed, max_steps=2))
+    run_script(SCRIPT, stage3_args(dmd_models, resumed, resume="true"))
+    assert_same_run(dmd_straight, resumed, num_rows=4)  # every weight file of the last checkpoint + every row
 
 
-def test_toy_dmd_sample_grid_and_bad_prompt_source(toy_base, tmp_path):
-    data, base = toy_base
+def test_generator_use_ema_false_starts_from_the_raw_weights(dmd_models, tmp_path):
+    out = str(tmp_path / "raw")
+    S3.main(common.load_config(S3.Config, stage3_args(dmd_models, out, generator_use_ema="false", max_steps=1,
+                                                      critic_updates=1)))
+    initial = load_file(os.path.join(dmd_models["generator"], "model.safetensors"))
+    assert_adam_step(initial, weights_at(out, 1, "model"), optimizer_state(out, 1, "optimizer"), LR, 0.0, 0.0, BETA2)
+
+
+def assert_png_shows(path, videos, tmp_path):
+    """The PNG at `path` is exactly the grid of `videos` (rows = videos, columns = frames, scale 2)."""
+    import imageio.v3 as iio
+    expected = common.save_png_grid(videos, str(tmp_path / "expected.png"), scale=2)
+    assert np.array_equal(iio.imread(path), iio.imread(expected)), path
+
+
+def test_toy_dmd_sample_grid_shows_the_ema_rollouts_and_bad_prompt_source(dmd_models, tmp_path):
+    import encoders
     out = str(tmp_path / "grid")
-    S3.main(common.load_config(S3.Config, stage3_args(data, base, out, max_steps=1, sample_every=1, num_samples=2,
-                                                      critic_updates=1, grad_accum=1)))
-    assert os.path.isfile(os.path.join(out, "samples_0000001.png"))
+    cfg = common.load_config(S3.Config, stage3_args(dmd_models, out, max_steps=3, sample_every=3, num_samples=2,
+                                                    critic_updates=1, ema_start=1))
+    S3.main(cfg)
+    # the grid is model.generate() of the EMA weights (here trailing the generator) on the held-out prompts,
+    # and its ToyBench row scores those videos
+    ema = M.CausalWanModel(M.config_from_checkpoint(common.latest_checkpoint(out)))
+    M.load_weights(ema, common.latest_checkpoint(out), use_ema=True)
+    raw = load_file(os.path.join(common.latest_checkpoint(out), "model.safetensors"))
+    assert any(not torch.equal(raw[k], v) for k, v in ema.state_dict().items())  # EMA != raw weights here
+    prompts = toyworld.heldout_prompts()[:2]
+    videos = S3.sample_rollouts(ema.eval(), cfg, encoders.load_text_encoder("toy", "cpu"),
+                                encoders.load_codec("toy", "cpu"), prompts, (3, 12, 16, 16), torch.device("cpu"),
+                                None)
+    assert_png_shows(os.path.join(out, "samples_0000003.png"), videos, tmp_path)
+    rows = [r for r in read_metrics(out) if "toybench/total" in r]
+    assert [r["toybench/total"] for r in rows] == [pytest.approx(toyworld.score(videos, prompts)["total"])]
     with pytest.raises(FileNotFoundError, match="neither a prompt file"):
         S3.load_prompts(str(tmp_path / "missing.txt"))
     prompt_file = tmp_path / "prompts.txt"
@@ -263,54 +323,56 @@ def test_toy_dmd_sample_grid_and_bad_prompt_source(toy_base, tmp_path):
     assert S3.load_prompts(str(prompt_file)) == ["a red circle moves left quickly", "a blue square stays still"]
 
 
-def test_two_rank_fsdp2_run_equals_single_process(toy_base, tmp_path):
-    """Generator, EMA, real and fake score all under FSDP2 on 2 gloo ranks (batch 1 each) against one process
-    with batch 2: each sample draws its randomness from its own counter, so both see the same samples."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    from safetensors.torch import load_file
-    data, base = toy_base
-    repo = Path(__file__).resolve().parents[1]
-    single = str(tmp_path / "single")
-    # the reference runs in its own process with one thread, like each rank: a different thread count changes
-    # the CPU kernels' reduction order, which on CI's machine moved ~50x more weights past 1e-6
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(repo / "stage3_asym_dmd.py"),
-                             *stage3_args(data, base, single, batch_size=2, grad_accum=1, max_steps=1,
-                                          critic_updates=2, save_every=1)],
-                            cwd=repo, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    fsdp = str(tmp_path / "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(repo / "stage3_asym_dmd.py"), *stage3_args(data, base, fsdp, batch_size=1, grad_accum=1, max_steps=1,
-                                                           critic_updates=2, save_every=1)]
-    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # losses and gradient norms (before clipping) cover the forward and backward of all three networks
-    for key in ("generator_loss", "critic_loss", "generator_grad_norm", "critic_grad_norm"):
-        x, y = metrics(single)[0][key], metrics(fsdp)[0][key]
-        assert abs(x - y) <= 1e-5 * abs(x), (key, x, y)
-    # weights after one AdamW step: equal to 1e-6 except where a gradient element is ~0, since Adam's first
-    # step is lr·g/|g| and rounding can flip the sign of a vanishing g (at most 2·lr apart there)
-    for name in ("model", "critic"):
-        a = load_file(os.path.join(common.latest_checkpoint(single), f"{name}.safetensors"))
-        b = load_file(os.path.join(common.latest_checkpoint(fsdp), f"{name}.safetensors"))
-        differ = sum(((a[k] - b[k]).abs() > 1e-6).sum().item() for k in a)
-        total = sum(a[k].numel() for k in a)
-        worst = max((a[k] - b[k]).abs().max().item() for k in a)
-        print(f"stage 3 {name}: FSDP2 2 ranks vs single process: {differ} of {total} weights differ by > 1e-6, "
-              f"max {worst:.1e}")
-        assert differ <= 5e-4 * total and worst <= 2e-3 + 1e-6, (name, differ, worst)
+def test_empty_first_block_list_rolls_out_every_block_with_the_same_list(dmd_models, tmp_path, monkeypatch):
+    """`first_block_steps: []` (configs/toy/dmd_4step.yaml): no ASD list; one exit step for every block."""
+    calls = []
+    real_rollout = S3.self_rollout
+
+    def recording(model, noise, context, steps, first_block_steps, exit_first, exit_other, *args, **kwargs):
+        calls.append((list(steps), first_block_steps, exit_first, exit_other))
+        return real_rollout(model, noise, context, steps, first_block_steps, exit_first, exit_other, *args, **kwargs)
+    monkeypatch.setattr(S3, "self_rollout", recording)
+    S3.main(common.load_config(S3.Config, stage3_args(dmd_models, str(tmp_path / "run"), max_steps=2,
+                                                      denoising_steps="[1000, 750, 500, 250]", first_block_steps="[]")))
+    four = M.warp_timesteps([1000, 750, 500, 250], 5.0)
+    assert len(calls) == 2 * 3 and all(c[0] == four and c[1] is None and c[2] == c[3] for c in calls), calls
+    assert len({c[3] for c in calls}) > 1  # the exit step is drawn per rollout
 
 
-def test_dmd_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(toy_base, tmp_path):
-    from pathlib import Path
-    from helpers import sigkill_resume_equals_straight
-    data, base = toy_base
-    script = Path(__file__).resolve().parents[1] / "stage3_asym_dmd.py"
-    killed_at = sigkill_resume_equals_straight(
-        script, lambda out: stage3_args(data, base, out, max_steps=6, save_every=1, grad_accum=1),
-        tmp_path, kill_after_rows=2)
-    print(f"stage 3 SIGKILL left {killed_at} as latest; resumed run == uninterrupted run, bit for bit "
-          "(generator, EMA, critic)")
+def test_two_rank_fsdp2_run_equals_single_process(dmd_models, tmp_path):
+    """Generator, EMA, real and fake score under FSDP2 on 2 gloo ranks (batch 1 each, 2 micro-steps) against
+    one process with batch 2: each sample draws its randomness from its own counter, so both see the same
+    samples. Compared (helpers.assert_close_across_processes): generator and critic losses and gradient norms,
+    and every parameter's gradient (Adam's exp_avg with beta1 = 0); each run's critic step is then checked to
+    be AdamW of its own gradient. The generator's lr is 0 here, so the critic's rollouts come from the same
+    generator in both runs and nothing compared passes through a rounding-sensitive Adam step."""
+    overrides = dict(lr=0.0, grad_accum=2, max_steps=1, critic_updates=1)
+    single, sharded = str(tmp_path / "single"), str(tmp_path / "fsdp")
+    run_script(SCRIPT, stage3_args(dmd_models, single, batch_size=2, **overrides))
+    run_script(SCRIPT, stage3_args(dmd_models, sharded, batch_size=1, **overrides), nproc=2)
+    assert_close_across_processes(single, sharded, ("generator_loss", "critic_loss", "generator_grad_norm",
+                                                    "critic_grad_norm"), ("optimizer", "critic_optimizer"))
+    # FSDP2's CPU-offload policy (configs/dmd_small.yaml: one process under torchrun, parameters, gradients
+    # and optimizer state in CPU memory) does the same step
+    offloaded = str(tmp_path / "offload")
+    run_script(SCRIPT, stage3_args(dmd_models, offloaded, batch_size=2, cpu_offload="true", **overrides), nproc=1)
+    assert_close_across_processes(single, offloaded, ("generator_loss", "critic_loss", "generator_grad_norm",
+                                                      "critic_grad_norm"), ("optimizer", "critic_optimizer"))
+    fake = load_file(os.path.join(dmd_models["fake"], "model.safetensors"))
+    for run in (single, sharded, offloaded):
+        assert_adam_step(fake, weights_at(run, 1, "critic"), optimizer_state(run, 1, "critic_optimizer"),
+                         CRITIC_LR, 0.0, 0.0, BETA2)
+
+
+def test_cpu_offload_without_torchrun_is_refused():
+    import types
+    with pytest.raises(ValueError, match="cpu_offload needs FSDP2: launch with torchrun"):
+        common.shard_model(torch.nn.Linear(2, 2), types.SimpleNamespace(enabled=False), cpu_offload=True)
+
+
+def test_dmd_run_killed_mid_step_resumes_to_the_uninterrupted_result(dmd_models, dmd_straight, tmp_path):
+    # killed in step 2's first critic update (clip call 5: step 1 has 3, one per update), gradients computed
+    # but not applied: step 1 stays latest, and the resumed run must redo step 2's generator update too
+    left = kill_resume_equals_straight(SCRIPT, lambda out: stage3_args(dmd_models, out), tmp_path, dmd_straight,
+                                       ["pause_in_step:5"])
+    assert [os.path.basename(p) for p in left] == ["step_0000001"], left
