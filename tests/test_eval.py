@@ -7,7 +7,7 @@ import torch
 import common
 import model as M
 import toyworld
-import toy_eval as vbench_eval  # ToyBench moved from vbench_eval.py to toy_eval.py
+import toy_eval
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,10 @@ def toy_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("causal, kw", [(True, dict(steps=[1000, 500])), (True, dict(sample_steps=2)),
                                         (False, dict(sample_steps=2))])
 def test_sample_toy_every_kind_of_checkpoint(toy_checkpoints, causal, kw):
-    model, _ = vbench_eval.load_model(toy_checkpoints[causal], use_ema=False)
+    model, _ = toy_eval.load_model(toy_checkpoints[causal], use_ema=False)
     prompts = toyworld.heldout_prompts()[:3]
-    a = vbench_eval.sample_toy(model, prompts, seed=1, **kw)
-    b = vbench_eval.sample_toy(model, prompts, seed=1, **kw)
+    a = toy_eval.sample_toy(model, prompts, seed=1, **kw)
+    b = toy_eval.sample_toy(model, prompts, seed=1, **kw)
     assert a.shape == (3, toyworld.TOY_FRAMES, 3, toyworld.TOY_SIZE, toyworld.TOY_SIZE)
     assert torch.equal(a, b)
     scores = toyworld.score(a, prompts)
@@ -53,7 +53,7 @@ def test_stage2_cost_of_the_ablation_table(tmp_path):
             {"step": 10, "loss": 1.0, "sec_per_step": 2.0}, {"step": 20, "loss": 0.5, "sec_per_step": 3.0}]
     (ode / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # 300 s of trajectories + 10·2 + 10·3 s of training; 1,536 teacher forwards; 4 MB
-    assert vbench_eval.stage2_cost(str(ode)) == dict(teacher_forwards=1536.0, seconds=350.0, bytes_stored=4e6)
+    assert toy_eval.stage2_cost(str(ode)) == dict(teacher_forwards=1536.0, seconds=350.0, bytes_stored=4e6)
     # a CD run: its teacher forwards are cumulative in every row, nothing stored
     cd = tmp_path / "cd"
     common.save_checkpoint(str(cd), 20, {"model": {"w": torch.zeros(1)}}, {"step": 20}, {"stage": "stage2_cd"})
@@ -61,19 +61,19 @@ def test_stage2_cost_of_the_ablation_table(tmp_path):
             {"step": 10, "sec_per_step": 4.0, "teacher_forwards": 80.0},
             {"step": 20, "sec_per_step": 5.0, "teacher_forwards": 160.0}]
     (cd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert vbench_eval.stage2_cost(str(cd)) == dict(teacher_forwards=160.0, seconds=90.0, bytes_stored=0.0)
+    assert toy_eval.stage2_cost(str(cd)) == dict(teacher_forwards=160.0, seconds=90.0, bytes_stored=0.0)
     # a Stage-1 model used directly as the Stage-3 initialisation costs nothing in Stage 2
     tf = tmp_path / "tf"
     common.save_checkpoint(str(tf), 5, {"model": {"w": torch.zeros(1)}}, {"step": 5}, {"stage": "stage1"})
     (tf / "metrics.jsonl").write_text(json.dumps({"step": 5, "sec_per_step": 9.0}) + "\n")
-    assert vbench_eval.stage2_cost(str(tf)) == dict(teacher_forwards=0.0, seconds=0.0, bytes_stored=0.0)
+    assert toy_eval.stage2_cost(str(tf)) == dict(teacher_forwards=0.0, seconds=0.0, bytes_stored=0.0)
 
 
 # ---- the toy evaluation CLI and the ablation driver (make toy / make ablation), at a tiny size ----
 
 
 def test_toy_evaluation_cli_scores_the_ema_students_videos(tmp_path):
-    """`vbench_eval.py --suite toy --ckpt RUN --use_ema --steps 2` (make toy): the few-step AR videos of the EMA
+    """`toy_eval.py score --ckpt RUN --use_ema --steps 2` (make toy): the few-step AR videos of the EMA
     weights on the held-out prompts (noise of prompt i from seed + i, first frame 4 steps), scored by ToyBench;
     --png shows them and --json holds the scores."""
     import json
@@ -83,7 +83,7 @@ def test_toy_evaluation_cli_scores_the_ema_students_videos(tmp_path):
     from helpers import tiny_checkpoint
     run = tiny_checkpoint(tmp_path / "run", seed=0, ema_seed=1)
     out_json, out_png = str(tmp_path / "scores.json"), str(tmp_path / "strip.png")
-    vbench_eval.main(["--suite", "toy", "--ckpt", str(tmp_path / "run"), "--use_ema", "--steps", "2",
+    toy_eval.main(["score", "--ckpt", str(tmp_path / "run"), "--use_ema", "--steps", "2",
                       "--samples", "1", "--seed", "3", "--json", out_json, "--png", out_png])
     model = M.CausalWanModel(M.config_from_checkpoint(run)).eval()
     M.load_weights(model, run, use_ema=True)
@@ -102,7 +102,7 @@ def test_toy_evaluation_cli_scores_the_ema_students_videos(tmp_path):
     with open(out_json) as f:
         scores = json.load(f)
     reference = toyworld.score(videos, prompts)
-    assert scores["sampling"] == "2-step" and scores["checkpoint"] == run
+    assert scores["sampling"] == "2-step, first block 1000,750,500,250" and scores["checkpoint"] == run
     assert all(scores[k] == pytest.approx(reference[k]) for k in ("total", "quality", "semantic"))
 
 
@@ -134,8 +134,8 @@ def test_ablation_driver_trains_stage3_from_every_init_and_reports_the_stage2_co
         if name == "dmd_1step":
             config.update(critic_updates=1, num_frames=3)
         (ws / "configs" / "toy" / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, str(REPO / "vbench_eval.py"), "--suite", "toy", "--ablation",
-                             "--ablation_steps", "1", "--samples", "1", "--json", "ablation.json"], cwd=ws,
+    result = subprocess.run([sys.executable, str(REPO / "toy_eval.py"), "ablation",
+                             "--steps", "1", "--samples", "1", "--json", "ablation.json"], cwd=ws,
                             capture_output=True, text=True, timeout=900, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(ws / "ablation.json") as f:

@@ -139,7 +139,6 @@ def test_official_pt_loads_its_ema_weights_with_the_architecture_from_wan_dir(tm
     """An official Causal-Forcing .pt carries weights only: sample.py takes the architecture from --wan_dir's
     Wan config.json, the generator_ema weights with --use_ema (the raw generator without), and the text
     encoder / VAE from the Wan folder; without --wan_dir it says so in one line."""
-    import argparse
     import json
     from helpers import tiny_random_model
     ema, raw = tiny_random_model(5), tiny_random_model(6)
@@ -153,12 +152,10 @@ def test_official_pt_loads_its_ema_weights_with_the_architecture_from_wan_dir(tm
         dim=c.dim, ffn_dim=c.ffn_dim, freq_dim=c.freq_dim, num_heads=c.num_heads, num_layers=c.num_layers,
         in_dim=c.in_dim, out_dim=c.out_dim, text_dim=c.text_dim, text_len=c.text_len)))
     for use_ema, expected in ((True, ema), (False, raw)):
-        args = sample.parse_args(["--ckpt", str(path), "--wan_dir", str(wan_dir), "--prompt", "x",
-                                  *(["--use_ema"] if use_ema else [])])
-        model, info = sample.load_generator(args)
+        model, info = sample.load_for_inference(str(path), use_ema=use_ema, wan_dir=str(wan_dir))
         assert info["stage"] == "official" and info["text_encoder"] == info["codec"] == str(wan_dir)
         assert model.cfg.causal and model.cfg.num_layers == 1  # few-step sampling: autoregressive
         assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items()), use_ema
     with pytest.raises(sample.SampleError, match="pass --wan_dir") as error:
-        sample.load_generator(argparse.Namespace(**{**vars(args), "wan_dir": None}))
+        sample.load_for_inference(str(path), use_ema=True)
     assert "\n" not in str(error.value)

@@ -177,7 +177,7 @@ def fixed_cd_loss(student_weights, target_weights, teacher_dir, data, grid_point
     import encoders
 
     def net(weights):
-        model = S2.build_model(teacher_dir, False, "network")[0].eval().requires_grad_(False)
+        model = common.load_model(teacher_dir, causal=True)[0].eval().requires_grad_(False)
         if weights is not None:
             model.load_state_dict(weights)
         return model
