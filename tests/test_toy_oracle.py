@@ -86,3 +86,30 @@ def test_native_bf16_detection_agrees_with_the_cpu_flags():
     with open("/proc/cpuinfo") as f:
         flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
     assert common.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags), flags
+
+
+def test_oracle_gap_of_the_exact_denoiser_is_one():
+    """toy_eval.oracle_gap against a 'model' that is the exact denoiser itself (v = (x_t − x̂0)/σ) and ignores the
+    prompt: its loss equals the exact loss (gap 1), and the direction word is worth nothing to it."""
+    import toy_eval
+    codec, text = tw.ToyCodec(), tw.ToyTextEncoder()
+    objs = [dict(colour="red", shape="circle", motion="left", speed="quickly"),
+            dict(colour="blue", shape="square", motion="down", speed="quickly")]
+    rng = random.Random(3)
+    x0 = codec.encode(torch.stack([tw.draw([o], tw.place([o], rng)) for o in objs]))
+    cands = [codec.encode(tw.candidate_clips(o)).flatten(1) for o in objs]
+    opened = [codec.encode(torch.cat([tw.candidate_clips(dict(o, motion=m)) for m in ("left", "right", "up", "down")])).flatten(1)
+              for o in objs]
+
+    def exact_model(x_t, t, context, causal):   # one call holds every clip (batch_size 16 > 2 clips)
+        sigma = t[0, 0].item() / 1000
+        x0_hat = torch.stack([tw.exact_x0(x.flatten(), sigma, cands[i]) for i, x in enumerate(x_t)])
+        return (x_t - x0_hat.view_as(x_t)) / sigma
+
+    # at σ <= 0.9 both losses are ~1e-12 here (the clip is found exactly) and their ratio is rounding noise
+    rows = toy_eval.oracle_gap(exact_model, text, x0, [tw.make_prompt([o]) for o in objs], cands, opened,
+                               [0.97, 0.95], seed=5)
+    for sigma, r in rows.items():
+        assert abs(r["gap"] - 1) < 1e-4, (sigma, r)
+        assert r["direction_model"] == 0.0 and r["direction_exact"] >= 0.0, (sigma, r)
+    assert rows[0.95]["exact"] < rows[0.95]["exact_open"], "knowing the direction must help at high noise"
