@@ -64,7 +64,7 @@ class Config:
                                       # the EMA does not keep a share of the random initial weights
     # system
     device: str = "auto"
-    mixed_precision: bool = True      # CUDA: bf16 compute, fp32 master weights and fp32 reduce; CPU runs stay fp32
+    mixed_precision: bool = True      # bf16 compute (CUDA, and CPUs with native bf16), fp32 weights and reduce
     cpu_offload: bool = False
     activation_checkpointing: bool = True
     seed: int = 0
@@ -132,7 +132,8 @@ def main(cfg):
     dist_ctx = common.setup_distributed(cfg.device)
     device = dist_ctx.device
     common.print0(f"stage 1 ({'teacher forcing' if cfg.causal else 'bidirectional'}), world size "
-                  f"{dist_ctx.world_size}, device {device}\n{common.format_config(cfg)}")
+                  f"{dist_ctx.world_size}, device {device}, compute {common.compute_dtype(dist_ctx, cfg.mixed_precision)}\n"
+                  f"{common.format_config(cfg)}")
     assert cfg.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be gaussian or uniform"
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 

@@ -240,7 +240,8 @@ def main(cfg):
     dist_ctx = common.setup_distributed(cfg.device)
     device = dist_ctx.device
     common.print0(f"stage 2 ({'causal consistency distillation' if cfg.method == 'cd' else 'causal ODE baseline'}),"
-                  f" world size {dist_ctx.world_size}, device {device}\n{common.format_config(cfg)}")
+                  f" world size {dist_ctx.world_size}, device {device}, compute "
+                  f"{common.compute_dtype(dist_ctx, cfg.mixed_precision)}\n{common.format_config(cfg)}")
     assert cfg.method in ("cd", "ode"), f"method must be 'cd' or 'ode', got {cfg.method!r}"
     assert cfg.cd_weighting in ("uniform", "inverse_gap"), "cd_weighting must be uniform or inverse_gap"
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)

@@ -230,7 +230,8 @@ def main(cfg):
     # ---- setup ----
     dist_ctx = common.setup_distributed(cfg.device)
     device = dist_ctx.device
-    common.print0(f"stage 3 (asymmetric DMD), world size {dist_ctx.world_size}, device {device}\n"
+    common.print0(f"stage 3 (asymmetric DMD), world size {dist_ctx.world_size}, device {device}, compute "
+                  f"{common.compute_dtype(dist_ctx, cfg.mixed_precision)}\n"
                   f"{common.format_config(cfg)}")
     assert cfg.critic_updates >= 1, f"critic_updates must be >= 1, got {cfg.critic_updates}"
     assert 0 <= cfg.dmd_min_t < cfg.dmd_max_t <= 1000, "need 0 <= dmd_min_t < dmd_max_t <= 1000"

@@ -19,6 +19,15 @@ Table 2 in miniature. Two commands, each with its own --help:
 
     python toy_eval.py ablation --steps 1 2 4 --json runs/toy/ablation.json  # make ablation
 
+  oracle    The oracle gap of a bidirectional model (the toy base): on fixed one-object moving training clips,
+            its flow-matching loss at each σ with the true prompt and with the direction word flipped, beside
+            the loss of the exact (Bayes) denoiser, which knows the renderer (toyworld.exact_x0), with the true
+            prompt and with the direction left open. The exact loss is the lowest any model can reach on these
+            draws; "gap" is the model's loss over it, and "direction" is what the direction word is worth to
+            the model (flipped − true) and to the exact denoiser (open − true).
+
+    python toy_eval.py oracle --ckpt checkpoints/toy/base --sigmas 0.97,0.95,0.9,0.8,0.6
+
 Held-out prompts are (colour, shape, motion) combinations that never occur in training (toyworld.HELDOUT), so
 the semantic score measures composition, not memory. Every prompt is sampled --samples times from fixed seeds.
 """
@@ -95,6 +104,89 @@ def score_checkpoint(args):
                        **{k: v for k, v in scores.items() if k != "per_video"}}, f, indent=2)
         print(f"wrote {args.json}")
     return scores
+
+
+# -----------------------------------------------------------------------------
+# the oracle gap: a bidirectional model against the exact denoiser
+
+
+def flip_direction(prompt):
+    swap = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    return " ".join(swap.get(word, word) for word in prompt.split())
+
+
+@torch.no_grad()
+def oracle_gap(model, text, x0, prompts, candidates, open_candidates, sigmas, seed=0, batch_size=16):
+    """Per σ: the model's flow-matching loss with the true and the direction-flipped prompt, and the exact
+    denoiser's with the true prompt (candidates[i] [N_i, D]: every clip prompt i renders to) and with the
+    direction open (open_candidates[i]). All on the same clips x0 [B, F, C, H, W] and the same noise.
+    v-space loss of a clean-clip estimate x̂0: mean((x̂0 − x0)²)/σ², since v̂ − v = (x0 − x̂0)/σ."""
+    import model as M
+    import toyworld
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    context, flipped = text.encode(prompts), text.encode([flip_direction(p) for p in prompts])
+    rows = {}
+    for sigma in sigmas:
+        t = torch.full(x0.shape[:2], sigma * 1000.0)
+        x_t = M.add_noise(x0, noise, t)
+        target = noise - x0
+        row = {}
+        for name, ctx in (("model", context), ("model_flipped", flipped)):
+            v = torch.cat([model(x_t[i:i + batch_size], t[i:i + batch_size], ctx[i:i + batch_size], causal=False)
+                           for i in range(0, len(x0), batch_size)])
+            row[name] = (v.float() - target).pow(2).mean().item()
+        for name, cands in (("exact", candidates), ("exact_open", open_candidates)):
+            x0_hat = torch.stack([toyworld.exact_x0(x_t[i].flatten(), sigma, c) for i, c in enumerate(cands)])
+            row[name] = (x0_hat - x0.flatten(1)).pow(2).mean().item() / sigma ** 2
+        row["gap"] = row["model"] / row["exact"]
+        row["direction_model"] = row["model_flipped"] - row["model"]
+        row["direction_exact"] = row["exact_open"] - row["exact"]
+        rows[sigma] = row
+    return rows
+
+
+def format_oracle_table(rows):
+    heads = ("σ", "model", "dir flipped", "exact", "exact, dir open", "gap", "dir: model", "dir: exact")
+    keys = ("model", "model_flipped", "exact", "exact_open")
+    lines = [" ".join(f"{h:>15}" for h in heads)]
+    for sigma, r in rows.items():
+        cells = [f"{sigma:>15}"] + [f"{r[k]:15.4f}" for k in keys] + [f"{r['gap']:14.1f}x"] + \
+                [f"{r['direction_model']:15.4f}", f"{r['direction_exact']:15.4f}"]
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def oracle_checkpoint(args):
+    import random
+
+    import toyworld
+    model, info = sample.load_for_inference(args.ckpt, use_ema=args.use_ema, wan_dir="toy")
+    assert not model.cfg.causal, f"{info['path']} is a causal model; the oracle gap is defined for bidirectional ones"
+    codec = toyworld.ToyCodec()
+    rng = random.Random(f"toy-oracle-{args.seed}")
+    objects, clips = [], []
+    while len(objects) < args.clips:   # one-object clips with a linear motion, from the training distribution
+        obj = toyworld.sample_objects(rng, p_two=0)[0]
+        if obj["motion"] in ("left", "right", "up", "down"):
+            objects.append(obj)
+            clips.append(toyworld.draw([obj], toyworld.place([obj], rng)))
+    x0 = codec.encode(torch.stack(clips))   # [B, F, C, H, W]
+
+    def latents(objs):
+        return codec.encode(torch.cat([toyworld.candidate_clips(o) for o in objs])).flatten(1)   # [N, D]
+    candidates = [latents([o]) for o in objects]
+    open_candidates = [latents([dict(o, motion=m) for m in ("left", "right", "up", "down")]) for o in objects]
+    start = time.time()
+    rows = oracle_gap(model, toyworld.ToyTextEncoder(), x0, [toyworld.make_prompt([o]) for o in objects],
+                      candidates, open_candidates, [float(s) for s in args.sigmas.split(",")], seed=args.seed)
+    print(f"{info['path']}: {args.clips} one-object moving training clips, {time.time() - start:.0f} s")
+    print(format_oracle_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": info["path"], "clips": args.clips, "seed": args.seed,
+                       "rows": {str(s): r for s, r in rows.items()}}, f, indent=2)
+        print(f"wrote {args.json}")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -210,13 +302,22 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=2, help="videos per held-out prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows to this file")
+    p = sub.add_parser("oracle", help="the oracle gap of a bidirectional model: its loss over the exact denoiser's",
+                       description="Loss per σ of a bidirectional toy model with the true and the direction-flipped "
+                       "prompt, beside the exact (Bayes) denoiser's with the true prompt and with the direction open.")
+    p.add_argument("--ckpt", required=True, help="a bidirectional checkpoint, e.g. checkpoints/toy/base")
+    p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
+    p.add_argument("--sigmas", default="0.97,0.95,0.9,0.8,0.6", help="comma-separated noise levels in (0, 1]")
+    p.add_argument("--clips", type=int, default=64, help="one-object moving clips to average over")
+    p.add_argument("--seed", type=int, default=0, help="picks the clips and the noise")
+    p.add_argument("--json", help="write the rows to this file")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return score_checkpoint(args) if args.command == "score" else ablation(args)
+        return {"score": score_checkpoint, "ablation": ablation, "oracle": oracle_checkpoint}[args.command](args)
     except sample.SampleError as e:
         raise SystemExit(f"toy_eval.py: error: {e}") from None
 

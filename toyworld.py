@@ -230,6 +230,41 @@ def sample_training_videos(n, seed, start=0, p_two=0.3):
 
 
 # -----------------------------------------------------------------------------
+# ---- the exact denoiser: the toy world's physical limit ----
+# For a one-object prompt the renderer's only free choice is the start position, drawn uniformly from a known
+# set (`start_positions`). So the clean clip given the prompt is uniform over a few hundred candidate clips, and
+# the Bayes-optimal denoiser is exact:  E[x0 | x_t] = Σ_i softmax_i(−|x_t − (1−σ)c_i|² / 2σ²) · c_i.
+# Its flow-matching loss is the lowest any model can reach on the same draws; a model's loss over it (the
+# "oracle gap", per σ) says how far training is from what the data allow.
+
+def start_positions(obj, frames=TOY_FRAMES):
+    """Every top-left corner `_random_start` can draw for one object, as a list of (x, y)."""
+    s = SPEEDS[obj["speed"]] if obj["speed"] is not None else 0
+    travel, free = s * (frames - 1), range(0, MAX_POS + 1)
+    xs, ys = {"left": (range(travel, MAX_POS + 1), free), "right": (range(0, MAX_POS - travel + 1), free),
+              "up": (free, range(travel, MAX_POS + 1)), "down": (free, range(0, MAX_POS - travel + 1)),
+              "still": (free, free)}.get(obj["motion"], (free, None))
+    if obj["motion"] == "bounce":
+        ys = [MAX_POS - s * k for k in range(frames // 4, frames - frames // 4)]
+    return [(x, y) for y in ys for x in xs]
+
+
+def candidate_clips(obj, frames=TOY_FRAMES):
+    """All clips a one-object prompt can render to: [N, T, 3, H, W] in [-1, 1], one per start position."""
+    return torch.stack([draw([obj], [trajectory(obj, x, y, frames)], frames) for x, y in start_positions(obj, frames)])
+
+
+def exact_x0(x_t, sigma, candidates):
+    """E[x0 | x_t] when x0 is uniform over `candidates` [N, D] and x_t = (1−σ)x0 + σε, ε ~ N(0, I): x_t [D] -> [D].
+    Works in any space the noise is added in (the toy codec is a permutation, so pixels or latents alike)."""
+    assert 0 < sigma <= 1 and x_t.ndim == 1 and candidates.shape[1] == x_t.shape[0], \
+        f"exact_x0 wants x_t [D], candidates [N, D], 0 < sigma <= 1; got {tuple(x_t.shape)}, {tuple(candidates.shape)}, {sigma}"
+    c = candidates.double()
+    logits = ((1 - sigma) * (c @ x_t.double()) - 0.5 * (1 - sigma) ** 2 * (c * c).sum(1)) / sigma ** 2   # [N]
+    return (torch.softmax(logits, 0) @ c).to(x_t.dtype)
+
+
+# -----------------------------------------------------------------------------
 # ---- pixel codec (stands in for the VAE) ----
 
 class ToyCodec:
