@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import common
 import model as M
+import sample
 import stage1_teacher_forcing as S1
 import toyworld
 
@@ -243,8 +244,9 @@ def test_sample_grid_shows_the_ema_samples_and_toybench_scores_them(toy_data, ti
     raw = weights_at(out, 2)
     assert any(not torch.equal(raw[k], v) for k, v in ema.state_dict().items())
     prompts = toyworld.heldout_prompts()[:2]
-    videos = S1.sample_grid(ema.eval(), cfg, encoders.load_text_encoder("toy", "cpu"),
-                            encoders.load_codec("toy", "cpu"), prompts, (12, 12, 16, 16), torch.device("cpu"), None)
+    how = sample.Sampling("multi_step", sample_steps=cfg.sample_steps, cfg=cfg.sample_guidance, shift=cfg.sample_shift)
+    videos = sample.preview_grid(ema.eval(), how, encoders.load_text_encoder("toy", "cpu"),
+                                 encoders.load_codec("toy", "cpu"), prompts, (12, 12, 16, 16), cfg.seed, None)
     expected = common.save_png_grid(videos, str(tmp_path / "expected.png"), scale=2)
     assert np.array_equal(iio.imread(os.path.join(out, "samples_0000002.png")), iio.imread(expected))
     rows = [r for r in read_metrics(out) if "toybench/total" in r]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import common
 import model as M
+import sample
 import stage2_causal_cd as S2
 import toyworld
 
@@ -245,9 +246,10 @@ def test_toy_cd_sample_grid_shows_the_ema_student(toy_teacher, tmp_path):
     M.load_weights(ema, checkpoint, use_ema=True)
     assert any(not torch.equal(weights_at(out, 2)[k], v) for k, v in ema.state_dict().items())
     prompts = toyworld.heldout_prompts()[:2]
-    videos = S2.sample_students(ema.eval(), cfg, encoders.load_text_encoder("toy", "cpu"),
-                                encoders.load_codec("toy", "cpu"), prompts, (12, 12, 16, 16), torch.device("cpu"),
-                                None)
+    how = sample.Sampling("few_step", steps=tuple(cfg.sample_steps), first_block_steps=tuple(cfg.first_frame_steps),
+                          shift=cfg.timestep_shift)
+    videos = sample.preview_grid(ema.eval(), how, encoders.load_text_encoder("toy", "cpu"),
+                                 encoders.load_codec("toy", "cpu"), prompts, (12, 12, 16, 16), cfg.seed, None)
     expected = common.save_png_grid(videos, str(tmp_path / "expected.png"), scale=2)
     assert np.array_equal(iio.imread(os.path.join(out, "samples_0000002.png")), iio.imread(expected))
     rows = [r for r in read_metrics(out) if "toybench/total" in r]

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import common
 import model as M
+import sample
 import stage3_asym_dmd as S3
 import toyworld
 
@@ -310,9 +311,10 @@ def test_toy_dmd_sample_grid_shows_the_ema_rollouts_and_bad_prompt_source(dmd_mo
     raw = load_file(os.path.join(common.latest_checkpoint(out), "model.safetensors"))
     assert any(not torch.equal(raw[k], v) for k, v in ema.state_dict().items())  # EMA != raw weights here
     prompts = toyworld.heldout_prompts()[:2]
-    videos = S3.sample_rollouts(ema.eval(), cfg, encoders.load_text_encoder("toy", "cpu"),
-                                encoders.load_codec("toy", "cpu"), prompts, (3, 12, 16, 16), torch.device("cpu"),
-                                None)
+    how = sample.Sampling("few_step", steps=tuple(cfg.denoising_steps), shift=cfg.timestep_shift,
+                          first_block_steps=tuple(cfg.first_block_steps) or None, context_t=cfg.context_t)
+    videos = sample.preview_grid(ema.eval(), how, encoders.load_text_encoder("toy", "cpu"),
+                                 encoders.load_codec("toy", "cpu"), prompts, (3, 12, 16, 16), cfg.seed, None)
     assert_png_shows(os.path.join(out, "samples_0000003.png"), videos, tmp_path)
     rows = [r for r in read_metrics(out) if "toybench/total" in r]
     assert [r["toybench/total"] for r in rows] == [pytest.approx(toyworld.score(videos, prompts)["total"])]
