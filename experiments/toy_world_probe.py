@@ -195,9 +195,8 @@ def judge(args):
             objs.append(o)
             clips.append(draw([o], [(rng.randrange(SIZE), rng.randrange(SIZE))], args.world))
     x0 = codec.encode(torch.stack(clips))                               # [N, T, 12, 16, 16]
-    cands = [codec.encode(candidates(o, args.world)).flatten(1) for o in objs]
-    opened = [codec.encode(candidates(o, args.world, True)).flatten(1) for o in objs]
-    rows = toy_eval.oracle_gap(net, text, x0, [TW.make_prompt([o]) for o in objs], cands, opened,
+    rows = toy_eval.oracle_gap(net, text, x0, [TW.make_prompt([o]) for o in objs],
+                               lambda i, open_direction: codec.encode(candidates(objs[i], args.world, open_direction)).flatten(1),
                                [float(s) for s in args.sigmas.split(",")], seed=1)
     print(f"{args.ckpt} on world {args.world}, {args.clips} clips")
     print(toy_eval.format_oracle_table(rows), flush=True)
