@@ -237,3 +237,18 @@ def assert_adam_step(before, after, state, lr, weight_decay, beta1, beta2, eps=1
         err = (after[k].double() - expected).abs()
         assert (err <= 8 * u * (before[k].double().abs() + update.abs()) + 1e-30).all(), \
             (k, err.max().item(), update.abs().max().item())
+
+
+def assert_preview_grid(out_dir, step, videos, prompts, tmp_path):
+    """A run's preview grid at `step` is exactly the PNG of `videos` (rows = videos, columns = frames, scale 2),
+    and its one ToyBench row scores exactly those videos."""
+    import os
+
+    import imageio.v3 as iio
+    import numpy as np
+    import pytest
+    path = os.path.join(out_dir, f"samples_{step:07d}.png")
+    expected = common.save_png_grid(videos, str(tmp_path / "expected.png"), scale=2)
+    assert np.array_equal(iio.imread(path), iio.imread(expected)), path
+    rows = [r for r in read_metrics(out_dir) if "toybench/total" in r]
+    assert [r["toybench/total"] for r in rows] == [pytest.approx(toyworld.score(videos, prompts)["total"])]
