@@ -116,3 +116,22 @@ def test_oracle_gap_of_the_exact_denoiser_is_one():
         assert abs(r["gap"] - 1) < 1e-4, (sigma, r)
         assert r["direction_model"] == 0.0 and r["direction_exact"] >= 0.0, (sigma, r)
     assert rows[0.95]["exact"] < rows[0.95]["exact_open"], "knowing the direction must help at high noise"
+
+
+@pytest.mark.parametrize("world", ["torus", "comet"])
+def test_probe_worlds_judge_their_own_ground_truth(world):
+    """experiments/toy_world_probe.py: its direction judge passes ground-truth clips of every motion (across the
+    wrap-around) and fails them reversed, and the exact denoiser's candidates contain the clip itself."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("probe", "experiments/toy_world_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    for motion, speed in (("left", "quickly"), ("right", "slowly"), ("up", "slowly"), ("down", "quickly"), ("still", None)):
+        obj = dict(colour="red", shape="square", motion=motion, speed=speed)
+        clip = probe.draw([obj], [(29, 30)], world)   # starts at the corner: the object wraps in the first frames
+        prompt = tw.make_prompt([obj])
+        assert probe.judge_direction(clip, prompt) == (1.0, 1.0), (world, prompt)
+        if motion != "still":
+            assert probe.judge_direction(clip.flip(0), prompt)[0] == 0.0, (world, prompt)
+        cands = probe.candidates(obj, world)
+        assert (cands == clip).flatten(1).all(1).sum() == 1, "the clip is exactly one of the candidates"
