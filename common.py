@@ -14,6 +14,7 @@ teaches are in that stage's file). Sections:
   media         mp4 and PNG writing
 """
 
+import functools
 import json
 import math
 import os
@@ -214,6 +215,7 @@ def shard_model(model, dist_ctx, mixed_precision=True, cpu_offload=False):
     return model
 
 
+@functools.cache
 def cpu_has_native_bf16():
     """True when this CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX). There bf16 autocast trains the
     toy ~1.5-1.8x faster than fp32; on an AVX2-only CPU bf16 is emulated and ~7x slower. Read from the CPU's own

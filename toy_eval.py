@@ -126,12 +126,12 @@ def oracle_gap(model, text, x0, prompts, candidates, sigmas, seed=0, batch_size=
     import toyworld
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     context, flipped = text.encode(prompts), text.encode([flip_direction(p) for p in prompts])
-    x_t = {sigma: M.add_noise(x0, noise, torch.full(x0.shape[:2], sigma * 1000.0)) for sigma in sigmas}
+    t = {sigma: torch.full(x0.shape[:2], sigma * 1000.0) for sigma in sigmas}     # [B, F] each
+    x_t = {sigma: M.add_noise(x0, noise, t[sigma]) for sigma in sigmas}
     rows = {sigma: {} for sigma in sigmas}
     for sigma in sigmas:
-        t = torch.full(x0.shape[:2], sigma * 1000.0)
         for name, ctx in (("model", context), ("model_flipped", flipped)):
-            v = torch.cat([model(x_t[sigma][i:i + batch_size], t[i:i + batch_size], ctx[i:i + batch_size],
+            v = torch.cat([model(x_t[sigma][i:i + batch_size], t[sigma][i:i + batch_size], ctx[i:i + batch_size],
                                  causal=False) for i in range(0, len(x0), batch_size)])
             rows[sigma][name] = (v.float() - (noise - x0)).pow(2).mean().item()
     squared = {(sigma, name): 0.0 for sigma in sigmas for name in ("exact", "exact_open")}
@@ -166,7 +166,9 @@ def oracle_checkpoint(args):
 
     import toyworld
     model, info = sample.load_for_inference(args.ckpt, use_ema=args.use_ema, wan_dir="toy")
-    assert not model.cfg.causal, f"{info['path']} is a causal model; the oracle gap is defined for bidirectional ones"
+    if model.cfg.causal:
+        raise sample.SampleError(f"{info['path']} is a causal model; the oracle gap is defined for a bidirectional "
+                                 f"one (e.g. checkpoints/toy/base)")
     codec = toyworld.ToyCodec()
     rng = random.Random(f"toy-oracle-{args.seed}")
     objects, clips = [], []

@@ -170,22 +170,13 @@ def judge_direction(video, prompt):
     return float(sign * along >= 0.4 and abs(across) <= 0.5 * abs(along)), float(0.5 * s <= speed < 1.5 * s)
 
 
-def load_model(ckpt, use_ema):
-    import model as M
-    cfg = M.config_from_checkpoint(ckpt)
-    net = M.CausalWanModel(cfg)
-    M.load_weights(net, ckpt, use_ema=use_ema)
-    return net.eval()
-
-
 @torch.no_grad()
 def judge(args):
     """Oracle-gap table (toy_eval.oracle_gap) on one-object moving clips of the probe world, then held-out
     direction / speed / colour of 40-step CFG samples."""
-    import model as M
+    import sample
     import toy_eval
-    torch.manual_seed(0)
-    net = load_model(args.ckpt, args.use_ema)
+    net, _ = toy_eval.load_model(args.ckpt, args.use_ema)   # the one inference loader
     text, codec = TW.ToyTextEncoder(), TW.ToyCodec()
     rng = random.Random("probe-judge")
     objs, clips = [], []
@@ -202,14 +193,8 @@ def judge(args):
     print(toy_eval.format_oracle_table(rows), flush=True)
     out = dict(ckpt=args.ckpt, world=args.world, rows={str(k): v for k, v in rows.items()})
     if args.samples:
-        hp = heldout_prompts() * args.samples
-        noise = torch.randn((len(hp), FRAMES, 12, 16, 16), generator=torch.Generator().manual_seed(2))
-        steps = M.timestep_grid(40, 5.0).tolist()
-        c, u = text.encode(hp), text.encode([""] * len(hp))
-        latents = torch.cat([M.generate_bidirectional(net, noise[i:i + 8], c[i:i + 8], steps=steps,
-                                                      uncond_context=u[i:i + 8], guidance_scale=args.cfg)
-                             for i in range(0, len(hp), 8)])
-        videos = codec.decode(latents)
+        hp = [p for p in heldout_prompts() for _ in range(args.samples)]
+        videos = toy_eval.sample_toy(net, hp, how=sample.Sampling("multi_step", sample_steps=40, cfg=args.cfg))
         judged = [judge_direction(v, p) for v, p in zip(videos, hp)]
         out.update(heldout_direction=sum(j[0] for j in judged) / len(judged),
                    heldout_speed=sum(j[1] for j in judged) / len(judged),
@@ -218,7 +203,7 @@ def judge(args):
               f"{100 * out['heldout_speed']:.1f} colour {100 * out['heldout_colour']:.1f}")
         if args.png:
             import common
-            common.save_png_grid(videos[:12], args.png, scale=2)
+            common.save_png_grid(videos[::args.samples][:12], args.png, scale=2)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
