@@ -41,6 +41,9 @@ class Config:
     init_use_ema: bool = False        # take the EMA weights of an init checkpoint that has them
     causal: bool = True               # True: teacher forcing (Stage 1); False: bidirectional flow matching
     frames_per_block: int = 1         # 1 = frame-wise, 3 = chunk-wise
+    per_frame_noise: float = 0.0      # bidirectional only: share of clips that draw one timestep per frame
+                                      # instead of one per clip (docs/toy_world.md: it teaches the toy base to
+                                      # carry an object from a cleaner frame to a noisier one)
     # data and text
     data_dir: str = "data/latents"    # shards written by prepare_data.py
     text_encoder: str = "wan_models/Wan2.1-T2V-1.3B"  # "toy" or a Wan folder (umT5-XXL)
@@ -106,6 +109,16 @@ def sample_block_timesteps(generator, num_frames, frames_per_block, grid, per_vi
     return grid[index], index
 
 
+def sample_timesteps(generator, num_frames, grid, *, causal, frames_per_block, per_frame_noise):
+    """One training sample's timesteps [F] -> (t, grid index). Teacher forcing: one per block. Bidirectional:
+    one for the whole clip, or, with probability per_frame_noise, one per frame (so some frames are cleaner than
+    their neighbours and the model learns to carry what it sees across frames)."""
+    per_video = not causal
+    if per_video and per_frame_noise > 0:  # no extra draw when off, so the random stream of older runs is unchanged
+        per_video = bool(torch.rand((), generator=generator) >= per_frame_noise)
+    return sample_block_timesteps(generator, num_frames, frames_per_block, grid, per_video)
+
+
 def diffusion_loss(model, x0, noise, t, weight, context, teacher_forcing):
     """Weighted flow-matching loss.  x_t = (1−σ)x0 + σε;  v̂ = model(x_t, t | clean x0 as context);
     per frame ℓ_f = mean_{C,H,W} (v̂ − (ε − x0))²;  loss = mean_{B,F} w(t_f)·ℓ_f.
@@ -135,6 +148,9 @@ def main(cfg):
                   f"{dist_ctx.world_size}, device {device}, compute {common.compute_dtype(dist_ctx, cfg.mixed_precision)}\n"
                   f"{common.format_config(cfg)}")
     assert cfg.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be gaussian or uniform"
+    assert 0 <= cfg.per_frame_noise <= 1, f"per_frame_noise is a probability in [0, 1], got {cfg.per_frame_noise}"
+    assert cfg.per_frame_noise == 0 or not cfg.causal, \
+        "per_frame_noise is for the bidirectional base (causal=false); teacher forcing already draws t per frame"
     resume_from = common.resume_point(cfg.out_dir, cfg.resume)
 
     # ---- model ----
@@ -197,8 +213,9 @@ def main(cfg):
             x0, prompts, generators = common.gather_batch(data, order, counters, cfg.seed)
             noise, t, weight, drop = [], [], [], []
             for g in generators:  # every random draw of a sample comes from its own generator
-                t_sample, index = sample_block_timesteps(g, x0.shape[1], cfg.frames_per_block, grid,
-                                                         per_video=not cfg.causal)
+                t_sample, index = sample_timesteps(g, x0.shape[1], grid, causal=cfg.causal,
+                                                   frames_per_block=cfg.frames_per_block,
+                                                   per_frame_noise=cfg.per_frame_noise)
                 noise.append(torch.randn(x0.shape[1:], generator=g))
                 drop.append(bool(torch.rand((), generator=g) < cfg.text_dropout))
                 t.append(t_sample)

@@ -7,6 +7,7 @@ trained on them by (1) its flow-matching loss with the true prompt vs the direct
   python stage1_teacher_forcing.py --config configs/toy/base.yaml --data_dir=data/probe_comet \
       --out_dir=runs/probe_comet --max_steps=3000 --sample_every=0 --save_every=250 --resume=true
   python experiments/toy_world_probe.py judge --world comet --ckpt runs/probe_comet --samples 1
+  python experiments/toy_world_probe.py transport --world v1 --ckpt checkpoints/toy/base --sigmas 0.97,0.9
 
 Worlds (one object, 32x32, 12 frames, on a torus: positions wrap, so motion is defined for any number of
 frames and the start position says nothing about the direction): "torus", whole-token-ish motion (slowly 2,
@@ -208,10 +209,53 @@ def judge(args):
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
+@torch.no_grad()
+def transport(args):
+    """Does the model carry a clean frame's object to the other frames with the prompted velocity? Frame 0 of
+    one-object moving clips is given clean (t = 0), frames 1.. are noised at σ; per-frame flow-matching loss with
+    the true prompt and with the direction word flipped. A model that moves the object the prompted way has a
+    much lower loss on frames 1.. with the true prompt; one that only copies it in place has the same loss for
+    both. Worlds: "v1" (toyworld.py) or a probe world."""
+    import model as M
+    import toy_eval
+    net, _ = toy_eval.load_model(args.ckpt, args.use_ema)
+    text, codec = TW.ToyTextEncoder(), TW.ToyCodec()
+    rng = random.Random("probe-transport")
+    objs, clips = [], []
+    while len(objs) < args.clips:
+        o = TW.sample_objects(rng, p_two=0)[0] if args.world == "v1" else sample_object(rng)
+        if o["motion"] in ("left", "right", "up", "down"):
+            objs.append(o)
+            clips.append(TW.draw([o], TW.place([o], rng)) if args.world == "v1" else
+                         draw([o], [(rng.randrange(SIZE), rng.randrange(SIZE))], args.world))
+    x0 = codec.encode(torch.stack(clips))                                   # [N, T, 12, 16, 16]
+    prompts = [TW.make_prompt([o]) for o in objs]
+    context = text.encode(prompts)
+    flipped = text.encode([toy_eval.flip_direction(p) for p in prompts])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    print(f"{args.ckpt} on world {args.world}, {args.clips} clips; frame 0 clean, frames 1.. at σ; loss per frame")
+    out = {}
+    for sigma in [float(s) for s in args.sigmas.split(",")]:
+        t = torch.full(x0.shape[:2], sigma * 1000.0)
+        t[:, 0] = 0.0
+        x_t = M.add_noise(x0, noise, t)
+        rows = {}
+        for name, ctx in (("true", context), ("flipped", flipped)):
+            v = net(x_t, t, ctx, causal=False)
+            rows[name] = (v.float() - (noise - x0))[:, 1:].pow(2).mean(dim=(0, 2, 3, 4)).tolist()   # frames 1..
+        out[sigma] = rows
+        for name, losses in rows.items():
+            print(f"σ {sigma} {name:>8}: mean {sum(losses) / len(losses):.4f} | " + " ".join(f"{x:.3f}" for x in losses))
+        gain = [f - t_ for f, t_ in zip(rows["flipped"], rows["true"])]
+        print(f"σ {sigma} flipped − true: mean {sum(gain) / len(gain):+.4f} | " + " ".join(f"{x:+.3f}" for x in gain))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(ckpt=args.ckpt, world=args.world, rows=out), indent=1))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=["data", "judge"])
-    p.add_argument("--world", default="torus", choices=["torus", "comet"])
+    p.add_argument("cmd", choices=["data", "judge", "transport"])
+    p.add_argument("--world", default="torus", choices=["torus", "comet", "v1"])
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--out")
     p.add_argument("--ckpt")
@@ -223,4 +267,5 @@ if __name__ == "__main__":
     p.add_argument("--png")
     p.add_argument("--json")
     a = p.parse_args()
-    make_data(a.world, a.n, a.out) if a.cmd == "data" else judge(a)
+    assert a.world != "v1" or a.cmd == "transport", "world v1 is toyworld.py: use prepare_data.py and toy_eval.py"
+    {"data": lambda: make_data(a.world, a.n, a.out), "judge": lambda: judge(a), "transport": lambda: transport(a)}[a.cmd]()

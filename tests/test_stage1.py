@@ -80,6 +80,24 @@ def test_block_timesteps_constant_within_blocks_and_on_the_grid():
     assert (video == video[0]).all()
 
 
+def test_per_frame_noise_draws_one_t_per_frame_for_that_share_of_clips():
+    grid = M.timestep_grid(1000, 5.0)
+    draw = lambda g, p, causal=False: S1.sample_timesteps(g, 6, grid, causal=causal, frames_per_block=1,  # noqa: E731
+                                                          per_frame_noise=p)[0]
+    # off: exactly the old per-clip draw from the same generator state (old runs resume bit-exactly)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(10):
+        assert torch.equal(draw(g1, 0.0), S1.sample_block_timesteps(g2, 6, 1, grid, per_video=True)[0])
+    # always: no clip has one t for all frames (all six equal by chance: 1000^-5)
+    g = torch.Generator().manual_seed(0)
+    assert all(len(set(draw(g, 1.0).tolist())) > 1 for _ in range(50))
+    # half: the per-frame share of 400 clips is 0.5 within 4 binomial standard deviations (0.1)
+    per_frame = sum(len(set(draw(g, 0.5).tolist())) > 1 for _ in range(400)) / 400
+    assert abs(per_frame - 0.5) < 0.1, per_frame
+    # teacher forcing ignores it (one t per block already)
+    assert len(set(draw(g, 0.0, causal=True).tolist())) > 1
+
+
 def test_gaussian_weights_match_the_official_values():
     grid = M.timestep_grid(1000, 5.0)
     w = S1.gaussian_grid_weights(grid)

@@ -135,3 +135,36 @@ def test_probe_worlds_judge_their_own_ground_truth(world):
             assert probe.judge_direction(clip.flip(0), prompt)[0] == 0.0, (world, prompt)
         cands = probe.candidates(obj, world)
         assert (cands == clip).flatten(1).all(1).sum() == 1, "the clip is exactly one of the candidates"
+
+
+@pytest.mark.parametrize("world", ["v1", "torus"])
+def test_transport_diagnostic_gives_frame_zero_clean_and_scores_the_rest(world, monkeypatch, tmp_path):
+    """experiments/toy_world_probe.py transport: frame 0 reaches the model clean (t = 0, the clip itself),
+    frames 1.. at σ; the per-frame losses cover frames 1.. only; a model blind to the text scores the true and
+    the flipped prompt the same."""
+    import argparse
+    import importlib.util
+    import json
+
+    import toy_eval
+    spec = importlib.util.spec_from_file_location("probe", "experiments/toy_world_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    seen = []
+
+    class TextBlind(torch.nn.Module):
+        def forward(self, x_t, t, context, causal):
+            assert causal is False
+            seen.append((x_t.clone(), t.clone()))
+            return torch.zeros_like(x_t)
+
+    monkeypatch.setattr(toy_eval, "load_model", lambda path, use_ema: (TextBlind(), path))
+    out = tmp_path / "t.json"
+    args = argparse.Namespace(ckpt="fake", use_ema=False, world=world, clips=3, sigmas="0.9", json=str(out))
+    probe.transport(args)
+    rows = json.loads(out.read_text())["rows"]["0.9"]
+    assert len(rows["true"]) == tw.TOY_FRAMES - 1 and rows["true"] == rows["flipped"]
+    x_t, t = seen[0]
+    assert (t[:, 0] == 0).all() and (t[:, 1:] == 900.0).all()
+    clean = tw.ToyCodec().decode(x_t[:, :1])   # a rendered frame: every pixel exactly -1 or +1
+    assert ((clean.abs() - 1).abs() < 1e-6).all()
