@@ -362,3 +362,11 @@ def test_sigkill_in_a_write_and_mid_step_then_resume_matches_an_uninterrupted_ru
     left = kill_resume_equals_straight(SCRIPT, lambda out: run_args(toy_data, out, tiny_init, **ONE_RANK), tmp_path,
                                        one_rank_straight, ["pause_in_write:3", "pause_in_step:3"])
     assert [os.path.basename(p) for p in left] == ["step_0000002", "step_0000004"], left
+
+
+@pytest.mark.parametrize("bad, message", [(dict(causal=True, per_frame_noise=0.5), "teacher forcing already"),
+                                          (dict(causal=False, per_frame_noise=1.5), "probability")])
+def test_per_frame_noise_is_checked_before_the_run(bad, message, toy_data, tiny_init, tmp_path):
+    with pytest.raises(AssertionError, match=message):
+        in_process(toy_data, str(tmp_path / "run"), tiny_init, **bad)
+    assert not (tmp_path / "run").exists(), "nothing written"
