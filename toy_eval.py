@@ -161,6 +161,18 @@ def format_oracle_table(rows):
     return "\n".join(lines)
 
 
+def moving_clips(rng, n):
+    """n one-object clips with a linear motion, from the training distribution -> (objects, videos [n, T, 3, H, W])."""
+    import toyworld
+    objects, clips = [], []
+    while len(objects) < n:
+        obj = toyworld.sample_objects(rng, p_two=0)[0]
+        if obj["motion"] in ("left", "right", "up", "down"):
+            objects.append(obj)
+            clips.append(toyworld.draw([obj], toyworld.place([obj], rng)))
+    return objects, torch.stack(clips)
+
+
 def oracle_checkpoint(args):
     import random
 
@@ -170,14 +182,8 @@ def oracle_checkpoint(args):
         raise sample.SampleError(f"{info['path']} is a causal model; the oracle gap is defined for a bidirectional "
                                  f"one (e.g. checkpoints/toy/base)")
     codec = toyworld.ToyCodec()
-    rng = random.Random(f"toy-oracle-{args.seed}")
-    objects, clips = [], []
-    while len(objects) < args.clips:   # one-object clips with a linear motion, from the training distribution
-        obj = toyworld.sample_objects(rng, p_two=0)[0]
-        if obj["motion"] in ("left", "right", "up", "down"):
-            objects.append(obj)
-            clips.append(toyworld.draw([obj], toyworld.place([obj], rng)))
-    x0 = codec.encode(torch.stack(clips))   # [B, F, C, H, W]
+    objects, clips = moving_clips(random.Random(f"toy-oracle-{args.seed}"), args.clips)
+    x0 = codec.encode(clips)   # [B, F, C, H, W]
 
     def candidates(i, open_direction):   # [N, D] latents of every clip the prompt allows
         motions = ("left", "right", "up", "down") if open_direction else (objects[i]["motion"],)

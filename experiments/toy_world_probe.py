@@ -115,6 +115,17 @@ def make_data(world, n, out, seed=0, shard_size=512):
     print(f"{n} clips of world {world} in {out}")
 
 
+def moving_clips(rng, n, world):
+    """n one-object clips of a probe world that move (not "still"), each from any start -> (objects, [n, T, 3, H, W])."""
+    objs, clips = [], []
+    while len(objs) < n:
+        o = sample_object(rng)
+        if o["motion"] != "still":
+            objs.append(o)
+            clips.append(draw([o], [(rng.randrange(SIZE), rng.randrange(SIZE))], world))
+    return objs, torch.stack(clips)
+
+
 # ---- exact denoiser ----
 
 def candidates(obj, world, open_direction=False):
@@ -179,14 +190,8 @@ def judge(args):
     import toy_eval
     net, _ = toy_eval.load_model(args.ckpt, args.use_ema)   # the one inference loader
     text, codec = TW.ToyTextEncoder(), TW.ToyCodec()
-    rng = random.Random("probe-judge")
-    objs, clips = [], []
-    while len(objs) < args.clips:
-        o = sample_object(rng)
-        if o["motion"] != "still":
-            objs.append(o)
-            clips.append(draw([o], [(rng.randrange(SIZE), rng.randrange(SIZE))], args.world))
-    x0 = codec.encode(torch.stack(clips))                               # [N, T, 12, 16, 16]
+    objs, clips = moving_clips(random.Random("probe-judge"), args.clips, args.world)
+    x0 = codec.encode(clips)                                            # [N, T, 12, 16, 16]
     rows = toy_eval.oracle_gap(net, text, x0, [TW.make_prompt([o]) for o in objs],
                                lambda i, open_direction: codec.encode(candidates(objs[i], args.world, open_direction)).flatten(1),
                                [float(s) for s in args.sigmas.split(",")], seed=1)
@@ -221,14 +226,9 @@ def transport(args):
     net, _ = toy_eval.load_model(args.ckpt, args.use_ema)
     text, codec = TW.ToyTextEncoder(), TW.ToyCodec()
     rng = random.Random("probe-transport")
-    objs, clips = [], []
-    while len(objs) < args.clips:
-        o = TW.sample_objects(rng, p_two=0)[0] if args.world == "v1" else sample_object(rng)
-        if o["motion"] in ("left", "right", "up", "down"):
-            objs.append(o)
-            clips.append(TW.draw([o], TW.place([o], rng)) if args.world == "v1" else
-                         draw([o], [(rng.randrange(SIZE), rng.randrange(SIZE))], args.world))
-    x0 = codec.encode(torch.stack(clips))                                   # [N, T, 12, 16, 16]
+    objs, clips = toy_eval.moving_clips(rng, args.clips) if args.world == "v1" else \
+        moving_clips(rng, args.clips, args.world)
+    x0 = codec.encode(clips)                                                # [N, T, 12, 16, 16]
     prompts = [TW.make_prompt([o]) for o in objs]
     context = text.encode(prompts)
     flipped = text.encode([toy_eval.flip_direction(p) for p in prompts])
@@ -268,4 +268,9 @@ if __name__ == "__main__":
     p.add_argument("--json")
     a = p.parse_args()
     assert a.world != "v1" or a.cmd == "transport", "world v1 is toyworld.py: use prepare_data.py and toy_eval.py"
-    {"data": lambda: make_data(a.world, a.n, a.out), "judge": lambda: judge(a), "transport": lambda: transport(a)}[a.cmd]()
+    if a.cmd == "data":
+        make_data(a.world, a.n, a.out)
+    elif a.cmd == "judge":
+        judge(a)
+    else:
+        transport(a)

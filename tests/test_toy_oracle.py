@@ -118,14 +118,20 @@ def test_oracle_gap_of_the_exact_denoiser_is_one():
     assert rows[0.95]["exact"] < rows[0.95]["exact_open"], "knowing the direction must help at high noise"
 
 
-@pytest.mark.parametrize("world", ["torus", "comet"])
-def test_probe_worlds_judge_their_own_ground_truth(world):
-    """experiments/toy_world_probe.py: its direction judge passes ground-truth clips of every motion (across the
-    wrap-around) and fails them reversed, and the exact denoiser's candidates contain the clip itself."""
+@pytest.fixture(scope="module")
+def probe():
+    """experiments/toy_world_probe.py as a module (experiments/ is not a package)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("probe", "experiments/toy_world_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("world", ["torus", "comet"])
+def test_probe_worlds_judge_their_own_ground_truth(world, probe):
+    """experiments/toy_world_probe.py: its direction judge passes ground-truth clips of every motion (across the
+    wrap-around) and fails them reversed, and the exact denoiser's candidates contain the clip itself."""
     for motion, speed in (("left", "quickly"), ("right", "slowly"), ("up", "slowly"), ("down", "quickly"), ("still", None)):
         obj = dict(colour="red", shape="square", motion=motion, speed=speed)
         clip = probe.draw([obj], [(29, 30)], world)   # starts at the corner: the object wraps in the first frames
@@ -138,18 +144,14 @@ def test_probe_worlds_judge_their_own_ground_truth(world):
 
 
 @pytest.mark.parametrize("world", ["v1", "torus"])
-def test_transport_diagnostic_gives_frame_zero_clean_and_scores_the_rest(world, monkeypatch, tmp_path):
+def test_transport_diagnostic_gives_frame_zero_clean_and_scores_the_rest(world, probe, monkeypatch, tmp_path):
     """experiments/toy_world_probe.py transport: frame 0 reaches the model clean (t = 0, the clip itself),
     frames 1.. at σ; the per-frame losses cover frames 1.. only; a model blind to the text scores the true and
     the flipped prompt the same."""
     import argparse
-    import importlib.util
     import json
 
     import toy_eval
-    spec = importlib.util.spec_from_file_location("probe", "experiments/toy_world_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
     seen = []
 
     class TextBlind(torch.nn.Module):
