@@ -8,6 +8,9 @@
 # make ablation — the paper's Table 2 on the toy world (toy_eval.py ablation): Stage 3 from the Stage-1 model,
 #             causal ODE and causal CD at 1, 2 and 4 steps, as in docs/results.md (about an hour on 2 cores
 #             after make toy; finished runs are reused). ABLATION_STEPS=2 runs one column.
+# make world-model — the action-conditioned world model (paper §3.3, docs/world_model.md) on the toy camera
+#             world: camera base -> Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step), then its evaluation
+#             (re-running continues finished/stopped runs)
 ABLATION_STEPS ?= 1 2 4
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -15,7 +18,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
                 --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
 
-.PHONY: setup test demo serve browser toy ablation clean
+.PHONY: setup test demo serve browser toy ablation world-model clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -49,6 +52,14 @@ ablation: $(VENV)/.installed
 	test -d data/toy || $(PYTHON) prepare_data.py --toy 8192 --out data/toy
 	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/tf.yaml --resume=true
 	$(PYTHON) toy_eval.py ablation --steps $(ABLATION_STEPS) --samples 2 --json runs/toy/ablation.json
+
+world-model: $(VENV)/.installed
+	test -d data/toy_camera || $(PYTHON) prepare_data.py --toy 8192 --world camera --out data/toy_camera
+	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/camera_base.yaml --resume=true
+	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/camera_tf.yaml --resume=true
+	$(PYTHON) stage2_causal_cd.py --config configs/toy/camera_cd.yaml --resume=true
+	$(PYTHON) stage3_asym_dmd.py --config configs/toy/camera_dmd_2step.yaml --resume=true
+	$(PYTHON) toy_eval.py camera --ckpt runs/toy/camera_dmd_2step --use_ema --samples 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,6 +6,7 @@ Performance measurements. Numbers are printed as a table and written as JSON; no
   python bench.py stage3-memory --config configs/dmd_small.yaml        # Stage-3 memory estimate per GPU
   python bench.py stream --frames 1200                                  # live stream: latency vs frame index, RSS
   python bench.py page                                                  # frames/s as the browser page sees it
+  python bench.py page --ckpt runs/toy/camera_dmd_2step --use_ema --hold_key ArrowRight   # world-model mode, panning
   python bench.py prompt-switch                                         # cross-attention switch vs KV re-cache
 
 stage2 — the paper's efficiency claim (§3.2, Fig. 3(b): ~11,600 vs ~2,900 GPU hours, 1,900 GiB vs 0) on
@@ -415,7 +416,7 @@ def start_server(extra_args, threads):
 def bench_page(args):
     """End-to-end frames/s and first-frame latency as the page measures them, in headless Chromium."""
     from playwright.sync_api import sync_playwright
-    proc, url = start_server(["--ckpt", args.ckpt], args.threads)
+    proc, url = start_server(["--ckpt", args.ckpt] + (["--use_ema", "true"] if args.use_ema else []), args.threads)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.browser, args=["--no-sandbox"])
@@ -424,6 +425,10 @@ def bench_page(args):
             page.wait_for_function("window.demo && window.demo.state === 'ready'")
             page.fill("#prompt", args.prompt)
             page.click("#start")
+            if args.hold_key:  # world-model mode: the camera pans the whole time
+                page.wait_for_function("window.demo.frames >= 1", timeout=600_000)
+                page.locator("body").click(position=dict(x=5, y=5))  # focus leaves the prompt box
+                page.keyboard.down(args.hold_key)
             page.wait_for_function(f"window.demo.frames >= {args.frames}", timeout=600_000)
             stats = page.evaluate("({fps: demo.fps, frames: demo.frames, firstFrameMs: demo.firstFrameMs, "
                                   "lastIndex: demo.lastIndex, arrivals: demo.arrivals})")
@@ -433,7 +438,8 @@ def bench_page(args):
         proc.send_signal(__import__("signal").SIGINT)
         proc.wait(timeout=30)
     intervals = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    result = dict(stats, median_interval_ms=_median(intervals), server_threads=args.threads, ckpt=args.ckpt)
+    result = dict(stats, median_interval_ms=_median(intervals), server_threads=args.threads, ckpt=args.ckpt,
+                  hold_key=args.hold_key)
     print(f"\npage ({args.threads} server threads): {stats['frames']} frames, {stats['fps']:.1f} frames/s over the "
           f"last 60 frames (page's own counter), first frame {stats['firstFrameMs']:.0f} ms after Start, median "
           f"frame interval {result['median_interval_ms']:.1f} ms")
@@ -530,6 +536,8 @@ if __name__ == "__main__":
     p.add_argument("--ckpt", default="checkpoints/toy/dmd_2step")
     p.add_argument("--prompt", default="a red circle bounces slowly")
     p.add_argument("--frames", type=int, default=600)
+    p.add_argument("--use_ema", action="store_true", help="serve the EMA weights of a training checkpoint")
+    p.add_argument("--hold_key", help="world-model mode: hold this key (e.g. ArrowRight) while measuring")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     p.add_argument("--browser", default="/usr/bin/chromium")
     p.add_argument("--json", default="bench_page.json")

@@ -284,7 +284,8 @@ def clip_grad_norm(model, max_norm):
 # data: the latent-shard format, in one place
 #
 # A shard is two files: shard_00000.safetensors (tensor "latents" [N, F, C, h, w], float16, in the codec's
-# normalised latent space; Stage 2's ODE baseline adds "states") and shard_00000.json ({"prompts": [N strings],
+# normalised latent space; Stage 2's ODE baseline adds "states"; camera data adds "world_to_camera" [N, F, 4, 4]
+# and "intrinsics" [N, F, 3, 3], float32, one camera per latent frame) and shard_00000.json ({"prompts": [N strings],
 # per-sample metadata, "skipped": [...], "settings": {...}}). Both are written to temporary names and renamed,
 # the JSON last, so a shard exists exactly when its JSON does: an interrupted writer never leaves a half-written
 # shard that looks finished.
@@ -362,13 +363,30 @@ class LatentShards:
     def __len__(self):
         return len(self.index)
 
-    def get(self, i, tensor=None):
-        """-> row i of the shard tensor (default `latents` [F, C, H, W]) as float32, prompt."""
+    def _handle(self, shard):
         from safetensors import safe_open
-        shard, row = self.index[i]
         if shard not in self._handles:
             self._handles[shard] = safe_open(str(self.paths[shard]), framework="pt")
-        return self._handles[shard].get_slice(tensor or self.tensor)[row].float(), self.prompts[i]
+        return self._handles[shard]
+
+    def get(self, i, tensor=None):
+        """-> row i of the shard tensor (default `latents` [F, C, H, W]) as float32, prompt."""
+        shard, row = self.index[i]
+        return self._handle(shard).get_slice(tensor or self.tensor)[row].float(), self.prompts[i]
+
+    def has_cameras(self):
+        """True when every shard carries per-frame cameras (world_to_camera and intrinsics); an error if only
+        some do (a directory mixing the two would train half the clips without their action)."""
+        with_cameras = [{"world_to_camera", "intrinsics"} <= set(self._handle(s).keys()) for s in range(len(self.paths))]
+        assert all(with_cameras) or not any(with_cameras), \
+            f"only {sum(with_cameras)} of {len(self.paths)} shards in {os.path.dirname(self.paths[0])} carry cameras"
+        return all(with_cameras)
+
+    def cameras(self, i):
+        """-> (world_to_camera [F, 4, 4], intrinsics [F, 3, 3]) of row i, float32."""
+        shard, row = self.index[i]
+        handle = self._handle(shard)
+        return handle.get_slice("world_to_camera")[row].float(), handle.get_slice("intrinsics")[row].float()
 
 
 class DataOrder:
@@ -395,6 +413,17 @@ def gather_batch(data, order, counters, seed):
     items = [data.get(order.item(c)) for c in counters]
     return (torch.stack([latents for latents, _ in items]), [prompt for _, prompt in items],
             [sample_generator(seed, c) for c in counters])
+
+
+def cameras_of(data, items):
+    """Rows `items` of a LatentShards with cameras -> (world_to_camera [B, F, 4, 4], intrinsics [B, F, 3, 3])."""
+    rows = [data.cameras(i) for i in items]
+    return torch.stack([w for w, _ in rows]), torch.stack([k for _, k in rows])
+
+
+def gather_cameras(data, order, counters):
+    """The cameras of the same samples as gather_batch."""
+    return cameras_of(data, [order.item(c) for c in counters])
 
 
 def sample_generator(seed, counter, device="cpu"):
@@ -502,12 +531,15 @@ def how_to_make(path):
     return None
 
 
-def load_model(path, *, use_ema=False, preset=None, causal=None, frames_per_block=None, what="checkpoint"):
+def load_model(path, *, use_ema=False, preset=None, causal=None, frames_per_block=None, camera_dims=None,
+               what="checkpoint"):
     """Any checkpoint -> (CausalWanModel, WanConfig, format, resolved path), strictly (model.load_weights).
     path: our run directory (its latest checkpoint) or checkpoint directory, a Wan or diffusers folder, or an
     official Causal-Forcing .pt, whose architecture comes from `preset` (a preset name or a Wan folder; the .pt
     carries no config.json).
-    causal / frames_per_block set the attention the model runs with (None keeps the stored one). Every
+    causal / frames_per_block set the attention the model runs with (None keeps the stored one); camera_dims
+    (None keeps the stored one) gives a model without cameras PRoPE channels, e.g. Wan fine-tuned into the
+    camera-conditioned base of §3.3 (no new weights: the channels only change their positional encoding). Every
     problem is one CheckpointError line; a missing run names the command that makes it."""
     import model as M
     if not os.path.exists(path):
@@ -530,6 +562,8 @@ def load_model(path, *, use_ema=False, preset=None, causal=None, frames_per_bloc
         model_cfg.causal = causal
     if frames_per_block is not None:
         model_cfg.frames_per_block = frames_per_block
+    if camera_dims is not None:
+        model_cfg = M.WanConfig(**{**asdict(model_cfg), "camera_dims": camera_dims})  # validated again
     model = M.CausalWanModel(model_cfg)
     try:
         fmt = M.load_weights(model, path, use_ema=use_ema)

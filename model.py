@@ -16,6 +16,9 @@ four ways to run it, chosen by the arguments of `CausalWanModel.forward`:
   cached           cache=KVCache, start_frame=f   one block at a time against the keys/values of earlier
                                                   blocks (inference and Stage-3 self-rollout).
 
+Every mode takes optional per-frame cameras (`cameras=`), injected through PRoPE as in the paper's
+action-conditioned world model (§3.3); without them the model is exactly Wan.
+
 Below the network: the flow-matching helpers (σ = t/1000 exactly, x_t = (1-σ)x0 + σε, v = ε - x0),
 `Rollout` (one block per step(); an optional rolling KV cache for rollouts of any length; prompt switching)
 and `generate()` on top of it (the few-step frame-/chunk-wise rollout with the separate first-block step list
@@ -117,6 +120,8 @@ class WanConfig:
     frames_per_block: int = 1  # K: 1 = frame-wise, 3 = chunk-wise
     causal: bool = True        # default attention when forward() is called without clean_x/cache
     rope_max_positions: int = 1024  # RoPE tables cover positions 0..1023 on each axis, as in Wan
+    camera_dims: int = 0       # per head, the lowest-frequency frame-axis RoPE channels that carry PRoPE's
+                               # camera transform when forward() gets cameras (multiple of 4; 0 = no cameras)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -125,6 +130,10 @@ class WanConfig:
         assert head_dim % 2 == 0 and head_dim >= 12, f"head_dim {head_dim} must be even and >= 12 for 3-D RoPE"
         assert self.patch_size[0] == 1, "temporal patching is not supported: every frame needs its own timestep"
         assert self.frames_per_block >= 1, f"frames_per_block must be >= 1, got {self.frames_per_block}"
+        frame_dims = head_dim - 4 * (head_dim // 6)  # rope_axis_dims(head_dim)[0], defined below
+        assert self.camera_dims % 4 == 0 and 0 <= self.camera_dims <= frame_dims, \
+            f"camera_dims {self.camera_dims} must be a multiple of 4 in [0, {frame_dims}] (the frame-axis RoPE " \
+            f"channels of a {head_dim}-wide head)"
 
     @property
     def head_dim(self):
@@ -176,9 +185,11 @@ def rope_axis_dims(head_dim):
     return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
 
 
-def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, device=None):
+def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, device=None, camera_dims=0):
     """Rotation angle of every (token, pair) for the grid (frames start_frame.., rows, cols).
-    Pair k of an axis with D real dims turns at position p by p·10000^(-2k/D). Returns [F·h·w, d/2] fp64."""
+    Pair k of an axis with D real dims turns at position p by p·10000^(-2k/D). Returns [F·h·w, d/2] fp64.
+    camera_dims > 0: the last camera_dims/2 frame-axis pairs get angle 0 (no rotation): PRoPE's camera
+    transform owns those channels (apply_camera)."""
     assert 0 <= start_frame and start_frame + num_frames <= max_positions, \
         f"frames {start_frame}..{start_frame + num_frames - 1} exceed the RoPE range 0..{max_positions - 1}"
     assert h <= max_positions and w <= max_positions, f"token grid {h}x{w} exceeds the RoPE range {max_positions}"
@@ -188,6 +199,8 @@ def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, d
         pos = torch.arange(offset, offset + n_pos, dtype=torch.float64, device=device)
         parts.append(pos[:, None] * inv_freq[None, :])  # [n_pos, axis_dim/2]
     f_part, h_part, w_part = parts
+    if camera_dims:
+        f_part[:, f_part.shape[1] - camera_dims // 2:] = 0.0
     angles = torch.cat([
         f_part[:, None, None, :].expand(num_frames, h, w, -1),
         h_part[None, :, None, :].expand(num_frames, h, w, -1),
@@ -199,12 +212,12 @@ def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, d
 _rope_tables = {}
 
 
-def rope_table(head_dim, num_frames, h, w, max_positions, device):
+def rope_table(head_dim, num_frames, h, w, max_positions, device, camera_dims=0):
     """(cos, sin) fp32 [num_frames·h·w, d/2] for frames 0..num_frames-1, memoised (the rolling cache rotates
     its visible keys with it on every call)."""
-    key = (head_dim, num_frames, h, w, str(device))
+    key = (head_dim, num_frames, h, w, str(device), camera_dims)
     if key not in _rope_tables:
-        angles = rope_angles(head_dim, num_frames, h, w, 0, max_positions, device=device)
+        angles = rope_angles(head_dim, num_frames, h, w, 0, max_positions, device=device, camera_dims=camera_dims)
         _rope_tables[key] = (torch.cos(angles).float(), torch.sin(angles).float())
     return _rope_tables[key]
 
@@ -219,6 +232,86 @@ def apply_rope(x, cos, sin):
     c, s = cos[None, :, None, :], sin[None, :, None, :]  # [1, L, 1, d/2]
     rotated = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1)  # [B, L, N, d/2, 2]
     return rotated.reshape(B, L, N, d).type_as(x)
+
+
+# -----------------------------------------------------------------------------
+# PRoPE: cameras as relative positional encoding (Li et al. 2025, arXiv 2507.10496), the camera conditioning
+# of the action-conditioned world model (paper §3.3)
+#
+# Every frame has a camera: world-to-camera T (4x4 rigid) and intrinsics K (3x3, in normalised image
+# coordinates: x, y in [-0.5, 0.5] across the image; normalised_intrinsics converts pixels). P = lift(K)·T maps
+# world points to the image (lift puts K in the top-left of a 4x4 identity). Inside self-attention, channel
+# group g of a head (4 channels) of a token in frame i is transformed as
+#     q ← Pᵢᵀ q,   k ← Pⱼ⁻¹ k,   v ← Pⱼ⁻¹ v,   and the attention output  o ← Pᵢ o,
+# so a logit is qᵀ Pᵢ Pⱼ⁻¹ k and an output Pᵢ Σⱼ aᵢⱼ Pⱼ⁻¹ vⱼ: both depend on the cameras only through the
+# relative projective transform Pᵢ Pⱼ⁻¹, which is unchanged when every camera moves by the same rigid motion
+# (T → T·G⁻¹). The transform owns the last `camera_dims` frame-axis RoPE channels of every head (the lowest
+# frequencies, which turn least across a clip); the other channels keep Wan's 3-D RoPE, which PRoPE reduces to
+# within one image. Keys and values are transformed before they enter a KV cache, so a cached frame needs
+# nothing but its own camera, and a query only its own.
+
+
+def normalised_intrinsics(focal_x, focal_y, centre_x, centre_y, width, height):
+    """Pixel intrinsics (focal lengths and principal point in pixels of a width x height image) -> the 3x3 K in
+    normalised image coordinates the model takes. Tensors [...] -> [..., 3, 3]."""
+    focal_x = torch.as_tensor(focal_x, dtype=torch.float32)
+    K = torch.zeros(*focal_x.shape, 3, 3, dtype=torch.float32)
+    K[..., 0, 0] = focal_x / width
+    K[..., 1, 1] = torch.as_tensor(focal_y, dtype=torch.float32) / height
+    K[..., 0, 2] = torch.as_tensor(centre_x, dtype=torch.float32) / width - 0.5
+    K[..., 1, 2] = torch.as_tensor(centre_y, dtype=torch.float32) / height - 0.5
+    K[..., 2, 2] = 1.0
+    return K
+
+
+def camera_projections(world_to_camera, intrinsics):
+    """(P, P⁻¹) [B, F, 4, 4] of PRoPE for per-frame cameras, in fp32 (fp64 inputs stay fp64).
+    world_to_camera [B, F, 4, 4] rigid (rotation, translation, bottom row 0 0 0 1); intrinsics [B, F, 3, 3]
+    normalised (normalised_intrinsics), bottom row 0 0 1. The rigid inverse is taken in closed form."""
+    assert world_to_camera.ndim == 4 and world_to_camera.shape[-2:] == (4, 4), \
+        f"world_to_camera must be [B, F, 4, 4], got {tuple(world_to_camera.shape)}"
+    assert intrinsics.shape == world_to_camera.shape[:2] + (3, 3), \
+        f"intrinsics must be [B, F, 3, 3] = {tuple(world_to_camera.shape[:2]) + (3, 3)}, got {tuple(intrinsics.shape)}"
+    dtype = torch.promote_types(world_to_camera.dtype, torch.float32)
+    T, K = world_to_camera.to(dtype), intrinsics.to(dtype)
+    R, translation = T[..., :3, :3], T[..., :3, 3:]  # [B, F, 3, 3], [B, F, 3, 1]
+    bottom = T.new_tensor([0.0, 0.0, 0.0, 1.0])
+    assert torch.equal(T[..., 3, :], bottom.expand_as(T[..., 3, :])), \
+        "world_to_camera must be rigid 4x4 matrices with bottom row [0, 0, 0, 1]"
+    eye3 = torch.eye(3, dtype=dtype, device=T.device)
+    orthogonality = (R.transpose(-1, -2) @ R - eye3).abs().max().item()
+    assert orthogonality < 1e-4, \
+        f"world_to_camera rotations are not orthonormal (max |RᵀR - I| = {orthogonality:.2e}); pass rigid poses"
+    assert torch.equal(K[..., 2, :], K.new_tensor([0.0, 0.0, 1.0]).expand_as(K[..., 2, :])), \
+        "intrinsics must be 3x3 with bottom row [0, 0, 1]"
+    lift = torch.eye(4, dtype=dtype, device=T.device).repeat(*T.shape[:2], 1, 1)  # [B, F, 4, 4]
+    lift_inverse = lift.clone()
+    lift[..., :3, :3] = K
+    lift_inverse[..., :3, :3] = torch.linalg.inv(K)
+    T_inverse = torch.zeros_like(T)
+    T_inverse[..., :3, :3] = R.transpose(-1, -2)
+    T_inverse[..., :3, 3:] = -R.transpose(-1, -2) @ translation
+    T_inverse[..., 3, 3] = 1.0
+    return lift @ T, T_inverse @ lift_inverse
+
+
+def camera_channels(head_dim, camera_dims):
+    """The slice of a head's channels PRoPE transforms: the last camera_dims of the frame-axis RoPE block."""
+    frame_dims = rope_axis_dims(head_dim)[0]
+    return slice(frame_dims - camera_dims, frame_dims)
+
+
+def apply_camera(x, matrices, channels):
+    """Multiply every 4-channel group in `channels` of every token by its frame's 4x4 matrix.
+    x [B, F·S, N, d]; matrices [B, F, 4, 4] -> [B, F·S, N, d] in x's dtype (computed in fp32 or wider)."""
+    B, L, N, d = x.shape
+    num_frames = matrices.shape[1]
+    assert matrices.shape == (B, num_frames, 4, 4) and L % num_frames == 0, \
+        f"camera matrices {tuple(matrices.shape)} do not fit {L} tokens of batch {B}"
+    dtype = torch.promote_types(x.dtype, matrices.dtype)
+    part = x[..., channels].to(dtype).reshape(B, num_frames, L // num_frames, N, -1, 4)  # [B, F, S, N, g, 4]
+    part = torch.einsum("bfij,bfsngj->bfsngi", matrices.to(dtype), part).reshape(B, L, N, -1)
+    return torch.cat([x[..., :channels.start], part.to(x.dtype), x[..., channels.stop:]], dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -370,11 +463,13 @@ class KVCache:
         self.filled_frames = 0
         self.slot_frames = []  # rolling layout: absolute frame held by each used slot, in slot order
         self.key_rope = None  # rolling layout: (cos, sin) [visible tokens, d/2] of the current call, set by the model
+        self.camera_dims = 0  # PRoPE channels of the keys/values written so far (one cache never mixes the two)
 
     def reset(self):
         """Forget everything (new video). Buffers are kept; filled_frames and the text K/V are cleared."""
         self.filled_frames = 0
         self.slot_frames = []
+        self.camera_dims = 0
         self.forget_text()
 
     def forget_text(self):
@@ -448,13 +543,19 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over all heads, before the split
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0):
+    def forward(self, x, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0, camera=None):
+        """camera: None, or (P, P⁻¹, channels) of PRoPE for the frames of x (camera_projections, camera_channels)."""
         B, L, D = x.shape
         N = self.num_heads
         q = self.norm_q(self.q(x)).view(B, L, N, D // N)  # [B, L, N, d]
         k = self.norm_k(self.k(x)).view(B, L, N, D // N)
         v = self.v(x).view(B, L, N, D // N)
         q = apply_rope(q, rope_cos, rope_sin)
+        if camera is not None:  # RoPE leaves these channels alone (angle 0), so the order does not matter
+            projection, inverse, channels = camera
+            q = apply_camera(q, projection.transpose(-1, -2), channels)
+            k = apply_camera(k, inverse, channels)
+            v = apply_camera(v, inverse, channels)
         if cache is not None and cache.rolling:  # keys stored unrotated, rotated at their slot on read
             k, v = cache.update(layer, k, v, slot)  # [B, L_visible, N, d]
             k = apply_rope(k, *cache.key_rope)
@@ -463,6 +564,8 @@ class SelfAttention(nn.Module):
             if cache is not None:  # keys are stored rotated, with their absolute frame positions
                 k, v = cache.update(layer, k, v, slot)  # [B, L_visible, N, d]
         out = attention(q, k, v, mask)  # [B, L, N, d]
+        if camera is not None:
+            out = apply_camera(out, projection, channels)
         return self.o(out.reshape(B, L, D))
 
 
@@ -510,7 +613,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D ** 0.5)
 
-    def forward(self, x, e0, context, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0):
+    def forward(self, x, e0, context, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0, camera=None):
         B, L, D = x.shape
         num_frames = e0.shape[1]  # frames in this sequence (2F under teacher forcing)
         S = L // num_frames
@@ -519,7 +622,7 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (m.unsqueeze(2) for m in mod.unbind(2))  # [B, F, 1, D]
 
         h = self.norm1(x).float().view(B, num_frames, S, D) * (1 + scale1) + shift1  # [B, F, S, D]
-        y = self.self_attn(h.view(B, L, D).to(dtype), rope_cos, rope_sin, mask, cache, layer, slot)
+        y = self.self_attn(h.view(B, L, D).to(dtype), rope_cos, rope_sin, mask, cache, layer, slot, camera)
         x = x + (y.float().view(B, num_frames, S, D) * gate1).view(B, L, D)
 
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, cache, layer).float()
@@ -611,7 +714,8 @@ class CausalWanModel(nn.Module):
 
     # ---- forward ----
 
-    def forward(self, x, t, context, *, causal=None, cache=None, start_frame=0, clean_x=None, clean_t=None):
+    def forward(self, x, t, context, *, causal=None, cache=None, start_frame=0, clean_x=None, clean_t=None,
+                cameras=None):
         """Predict the flow velocity v ≈ ε − x0 for noisy latents.
 
         x        [B, F, C, H, W] noisy latents (a single block of K frames when `cache` is given)
@@ -621,6 +725,9 @@ class CausalWanModel(nn.Module):
         cache    KVCache → cached inference of the block at `start_frame` (writes its K/V into the cache)
         clean_x  [B, F, C, H, W] clean context → teacher forcing; clean_t [B, F] its timesteps (default 0;
                  noise the clean frames yourself if you pass a context-noise t)
+        cameras  None, or (world_to_camera [B, F, 4, 4], intrinsics [B, F, 3, 3]) of x's frames (the block's
+                 frames when cached; clean frame j shares camera j under teacher forcing): PRoPE on the
+                 cfg.camera_dims channels. None runs exactly the model without cameras.
         returns  v [B, F, out_dim, H, W] float32
         """
         cfg = self.cfg
@@ -659,14 +766,30 @@ class CausalWanModel(nn.Module):
         # embeddings
         tokens = self.patchify(x).float()  # [B, F·S, D], residual stream in fp32
         e, e0 = self.time_embeddings(t)  # [B, F, D], [B, F, 6, D]
+        camera, camera_dims = None, 0
+        if cameras is not None:
+            assert cfg.camera_dims > 0, "this model has no camera channels (camera_dims = 0); pass cameras=None " \
+                                        "or build it with camera_dims > 0"
+            world_to_camera, intrinsics = cameras
+            assert world_to_camera.shape[:2] == (B, num_frames), \
+                f"cameras must cover the {num_frames} frames of x: world_to_camera is {tuple(world_to_camera.shape)}"
+            projection, inverse = camera_projections(world_to_camera.to(x.device), intrinsics.to(x.device))
+            if mode == "teacher_forcing":  # [clean ‖ noisy] frames: clean frame j has camera j
+                projection, inverse = torch.cat([projection, projection], 1), torch.cat([inverse, inverse], 1)
+            camera_dims = cfg.camera_dims
+            camera = (projection, inverse, camera_channels(cfg.head_dim, camera_dims))
         position = start_frame  # RoPE frame position of the first frame (= its cache slot when cached)
         if mode == "cached":
+            assert cache.filled_frames == 0 or cache.camera_dims == camera_dims, \
+                "this KVCache was filled " + ("with" if cache.camera_dims else "without") + " cameras; pass " \
+                "cameras on every call of one video or on none (cache.reset() starts a new video)"
+            cache.camera_dims = camera_dims
             position = cache.place(start_frame, num_frames, B)
             if cache.rolling:  # every visible key at its slot; the queries are the last num_frames slots
                 cache.key_rope = rope_table(cfg.head_dim, position + num_frames, H // ph, W // pw,
-                                            cfg.rope_max_positions, x.device)
+                                            cfg.rope_max_positions, x.device, camera_dims)
         angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, position, cfg.rope_max_positions,
-                             device=x.device)  # [F·S, d/2]
+                             device=x.device, camera_dims=camera_dims)  # [F·S, d/2]
         if mode == "teacher_forcing":
             # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (as the official code does)
             clean_t = torch.zeros_like(t) if clean_t is None else clean_t
@@ -683,7 +806,7 @@ class CausalWanModel(nn.Module):
 
         # transformer
         for layer, block in enumerate(self.blocks):
-            args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, position)
+            args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, position, camera)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # with a cache this is safe: grad-enabled calls never write it (KVCache docstring)
                 tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -768,6 +891,8 @@ class Rollout:
                  one block) plus the most recent ones — so the rollout can run forever at flat cost (KVCache).
     cache        continue an existing KVCache instead (generation starts at cache.filled_frames).
     Per step: len(steps) (len(first_block_steps) for frame 0) denoising calls + 1 context pass.
+    Cameras (a PRoPE model, cfg.camera_dims > 0): step() takes the block's cameras, the action of an
+    action-conditioned world model; the block's context pass writes its keys/values under the same cameras.
 
     Prompt switching (set_context): the next step uses the new text. mode="cross_attn" only swaps the
     text keys/values of cross-attention; the self-attention cache still holds frames written under the old
@@ -809,6 +934,7 @@ class Rollout:
         self.cache = cache
         self.frame = cache.filled_frames  # absolute index of the next frame to generate
         self.visible = {}  # absolute frame -> clean latents [B, 1, C, H, W] written into the cache (for re-cache)
+        self.visible_cameras = {}  # absolute frame -> its cameras (world_to_camera [B, 1, 4, 4], intrinsics [B, 1, 3, 3])
 
     @property
     def run_batch(self):
@@ -827,54 +953,65 @@ class Rollout:
             return
         self.cache.forget_text()
         if mode == "recache":
-            saved = dict(self.visible)  # the replay prunes self.visible as it goes
+            saved, saved_cameras = dict(self.visible), dict(self.visible_cameras)  # the replay prunes them
             frames = sorted(saved)
             assert self.cache.rolling or frames == list(range(len(frames))), "re-cache needs every frame since 0"
             self.cache.reset()
             for f0 in range(0, len(frames), self.K):  # replay in slot order; rolling positions come out the same
                 block = frames[f0:f0 + self.K]
-                self._context_pass(torch.cat([saved[f] for f in block], dim=1), block[0])
+                cameras = None
+                if saved_cameras:
+                    cameras = tuple(torch.cat([saved_cameras[f][i] for f in block], dim=1) for i in range(2))
+                self._context_pass(torch.cat([saved[f] for f in block], dim=1), block[0], cameras)
 
-    def _velocity(self, x, t_value, start):
+    def _velocity(self, x, t_value, start, cameras=None):
         x_in = torch.cat([x, x]) if self.use_cfg else x
         t = torch.full((self.run_batch, x.shape[1]), float(t_value), device=x.device)
-        v = self.model(x_in, t, self.run_context, cache=self.cache, start_frame=start)
+        if cameras is not None and self.use_cfg:  # the unconditional half sees the same cameras
+            cameras = tuple(torch.cat([c, c]) for c in cameras)
+        v = self.model(x_in, t, self.run_context, cache=self.cache, start_frame=start, cameras=cameras)
         if self.use_cfg:
             v = guided(*v.chunk(2), self.guidance_scale)
         return v
 
-    def _context_pass(self, x0, start):
+    def _context_pass(self, x0, start, cameras=None):
         """Write the clean block x0 [B, K, C, H, W] at absolute frame `start` into the cache."""
         x_ctx = x0
         if self.context_t > 0:
             fresh = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=x0.dtype)
             x_ctx = add_noise(x0, fresh, self.context_t)
-        self._velocity(x_ctx, self.context_t, start)  # output unused: this call only writes the block's K/V
+        self._velocity(x_ctx, self.context_t, start, cameras)  # output unused: this call only writes the block's K/V
         for i in range(x0.shape[1]):
             self.visible[start + i] = x0[:, i:i + 1]
+            if cameras is not None:
+                self.visible_cameras[start + i] = tuple(c[:, i:i + 1] for c in cameras)
         if self.cache.rolling:
             kept = set(self.cache.slot_frames)
             self.visible = {f: x for f, x in self.visible.items() if f in kept}
+            self.visible_cameras = {f: c for f, c in self.visible_cameras.items() if f in kept}
 
     @torch.no_grad()
-    def write_context(self, x0):
-        """Append clean frames x0 [B, n·K, C, H, W] to the cache without generating them (I2V prefix)."""
+    def write_context(self, x0, cameras=None):
+        """Append clean frames x0 [B, n·K, C, H, W] (and their cameras) to the cache without generating them
+        (I2V prefix)."""
         assert x0.shape[1] % self.K == 0, f"{x0.shape[1]} frames are not a whole number of {self.K}-frame blocks"
         for p in range(0, x0.shape[1], self.K):
-            self._context_pass(x0[:, p:p + self.K], self.frame)
+            block_cameras = None if cameras is None else tuple(c[:, p:p + self.K] for c in cameras)
+            self._context_pass(x0[:, p:p + self.K], self.frame, block_cameras)
             self.frame += self.K
 
     @torch.no_grad()
-    def step(self, noise, context_frames=None):
+    def step(self, noise, context_frames=None, cameras=None):
         """Generate the next block from noise [B, K, C, H, W] -> x0 [B, K, C, H, W]. context_frames: write these
-        frames into the cache instead of the generated ones (ground-truth conditioning)."""
+        frames into the cache instead of the generated ones (ground-truth conditioning). cameras: the block's
+        (world_to_camera [B, K, 4, 4], intrinsics [B, K, 3, 3]) for a PRoPE model."""
         assert noise.shape == (self.batch_size, self.K, *self.latent_shape), \
             f"noise must be [{self.batch_size}, {self.K}, {', '.join(map(str, self.latent_shape))}], got {tuple(noise.shape)}"
         start = self.frame
         step_list = self.first_block_steps if (start == 0 and self.first_block_steps is not None) else self.steps
         dtype, x = noise.dtype, noise
         for i, t_value in enumerate(step_list):
-            v = self._velocity(x, t_value, start)
+            v = self._velocity(x, t_value, start, cameras)
             t_next = step_list[i + 1] if i + 1 < len(step_list) else 0.0
             if self.sampler == "euler":
                 x = (x.float() + (t_next - t_value) / 1000.0 * v.float()).to(dtype)
@@ -884,20 +1021,20 @@ class Rollout:
                 if i + 1 < len(step_list):  # re-noise with fresh noise to the next level
                     fresh = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=dtype)
                     x = add_noise(x0, fresh, t_next)
-        self._context_pass(context_frames if context_frames is not None else x0, start)
+        self._context_pass(context_frames if context_frames is not None else x0, start, cameras)
         self.frame += self.K
         return x0
 
     def close(self):
         """Free the cache buffers now (a closed stream must not hold them until garbage collection)."""
         self.cache = None
-        self.visible = {}
+        self.visible, self.visible_cameras = {}, {}
 
 
 @torch.no_grad()
 def generate(model, noise, context, *, steps, first_block_steps=None, sampler="renoise", uncond_context=None,
              guidance_scale=1.0, context_t=0.0, prefix=None, teacher_context=None, generator=None, cache=None,
-             window=None, sink_frames=None, before_block=None, on_block=None):
+             window=None, sink_frames=None, before_block=None, on_block=None, cameras=None):
     """Roll out a video block by block (K = cfg.frames_per_block frames each) with the KV cache.
 
     noise        [B, F, C, H, W] initial noise of the frames to generate
@@ -918,6 +1055,8 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
     before_block callback(rollout, start_frame) before each block: change the conditioning from this block on
                  (e.g. rollout.set_context for a prompt switch)
     on_block     callback(block_index, start_frame, x0_block) after each block, for streaming
+    cameras      (world_to_camera [B, P+F, 4, 4], intrinsics [B, P+F, 3, 3]) of the prefix frames then the
+                 generated ones, for a PRoPE model (the action of the world model, §3.3)
     Calls per block: len(steps) (or len(first_block_steps)) + 1 context pass. Returns [B, F, C, H, W].
     """
     K = model.cfg.frames_per_block
@@ -931,15 +1070,21 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
                       uncond_context=uncond_context, guidance_scale=guidance_scale, context_t=context_t,
                       generator=generator, window=window, sink_frames=sink_frames,
                       max_frames=prefix_frames + num_frames, cache=cache)
+    if cameras is not None:
+        assert cameras[0].shape[:2] == (B, prefix_frames + num_frames), \
+            f"cameras must cover the {prefix_frames} prefix and {num_frames} generated frames, got " \
+            f"{tuple(cameras[0].shape)}"
+    frame_cameras = lambda f0, n: None if cameras is None else tuple(c[:, f0:f0 + n] for c in cameras)
     if prefix is not None:  # clean prefix (I2V) into the cache
-        rollout.write_context(prefix.to(noise.dtype))
+        rollout.write_context(prefix.to(noise.dtype), frame_cameras(0, prefix_frames))
     outputs = []
     for block, f0 in enumerate(range(0, num_frames, K)):
         start = rollout.frame
         if before_block is not None:
             before_block(rollout, start)
         x0 = rollout.step(noise[:, f0:f0 + K],
-                          context_frames=teacher_context[:, f0:f0 + K] if teacher_context is not None else None)
+                          context_frames=teacher_context[:, f0:f0 + K] if teacher_context is not None else None,
+                          cameras=frame_cameras(prefix_frames + f0, K))
         outputs.append(x0)
         if on_block is not None:
             on_block(block, start, x0)
@@ -947,20 +1092,22 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
 
 
 @torch.no_grad()
-def generate_bidirectional(model, noise, context, *, steps, uncond_context=None, guidance_scale=1.0):
+def generate_bidirectional(model, noise, context, *, steps, uncond_context=None, guidance_scale=1.0, cameras=None):
     """Sample a whole clip at once with a bidirectional model: Euler on the flow ODE over `steps` (descending
-    timesteps, the last step goes to σ = 0), CFG u + w·(c − u). noise [B, F, C, H, W] -> x0 [B, F, C, H, W]."""
+    timesteps, the last step goes to σ = 0), CFG u + w·(c − u). noise [B, F, C, H, W] -> x0 [B, F, C, H, W].
+    cameras: (world_to_camera [B, F, 4, 4], intrinsics [B, F, 3, 3]) for a PRoPE model."""
     use_cfg = guidance_scale != 1.0
     assert not use_cfg or uncond_context is not None, "guidance_scale != 1 needs uncond_context"
     B, num_frames = noise.shape[:2]
+    both_cameras = None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
     x = noise
     for i, t_value in enumerate(steps):
         t = torch.full((2 * B if use_cfg else B, num_frames), float(t_value), device=noise.device)
         if use_cfg:
-            v = guided(*model(torch.cat([x, x]), t, torch.cat([context, uncond_context]), causal=False).chunk(2),
-                       guidance_scale)
+            v = guided(*model(torch.cat([x, x]), t, torch.cat([context, uncond_context]), causal=False,
+                              cameras=both_cameras).chunk(2), guidance_scale)
         else:
-            v = model(x, t, context, causal=False)
+            v = model(x, t, context, causal=False, cameras=cameras)
         t_next = steps[i + 1] if i + 1 < len(steps) else 0.0
         x = (x.float() + (t_next - t_value) / 1000.0 * v.float()).to(noise.dtype)
     return x

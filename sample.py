@@ -81,15 +81,16 @@ class Sampling:
 
 @torch.no_grad()
 def sample_latents(model, how, noise, context, uncond_context=None, *, prefix=None, generator=None, on_block=None,
-                   window=None, sink_frames=None, before_block=None):
+                   window=None, sink_frames=None, before_block=None, cameras=None):
     """The one sampler. noise [B, F, C, H, W] -> latents [B, F, C, H, W] (without the prefix).
     A causal model is rolled out block by block with the KV cache (model.generate); a bidirectional one is
     denoised as a whole clip (model.generate_bidirectional). uncond_context: the negative prompt's embedding
     [B, Lt, E] (multi-step CFG); prefix: clean latents written into the cache first (I2V); generator: the
     few-step re-noising; on_block(block, start_frame, x0) after every block (streaming, timing). Causal models
     only: window / sink_frames roll the KV cache (rollouts past the trained length), before_block(rollout,
-    start_frame) runs before every block (prompt switching, model.Rollout.set_context)."""
-    rolling = dict(window=window, sink_frames=sink_frames, before_block=before_block)
+    start_frame) runs before every block (prompt switching, model.Rollout.set_context). cameras: the
+    (world_to_camera, intrinsics) of the prefix and generated frames, for a camera-conditioned (PRoPE) model."""
+    rolling = dict(window=window, sink_frames=sink_frames, before_block=before_block, cameras=cameras)
     if how.mode == "few_step":
         assert model.cfg.causal, "a few-step rollout needs a causal model"
         return M.generate(model, noise, context, steps=M.warp_timesteps(how.steps, how.shift),
@@ -103,7 +104,7 @@ def sample_latents(model, how, noise, context, uncond_context=None, *, prefix=No
     assert prefix is None, "a bidirectional model takes no clean prefix"
     assert window is None and before_block is None, "a bidirectional model samples whole clips: no rolling cache"
     latents = M.generate_bidirectional(model, noise, context, steps=steps, uncond_context=uncond_context,
-                                       guidance_scale=how.cfg)
+                                       guidance_scale=how.cfg, cameras=cameras)
     if on_block is not None:
         on_block(0, 0, latents)
     return latents
@@ -273,9 +274,12 @@ def preview_prompts(configured, num, text_encoder, prompts):
 
 
 @torch.no_grad()
-def preview_grid(model, how, text, codec, prompts, shape, seed, path, toybench_log=None, step=None, write=print):
+def preview_grid(model, how, text, codec, prompts, shape, seed, path, toybench_log=None, step=None, write=print,
+                 cameras=None):
     """Sample one video per prompt (shape = [F, C, H, W] of the latents), write them as a PNG grid to `path`
-    (None: this rank writes nothing) and, given a MetricsLog as toybench_log (toy runs), log their ToyBench."""
+    (None: this rank writes nothing) and, given a MetricsLog as toybench_log (toy runs), log their ToyBench.
+    cameras (camera-conditioned models): the videos' (world_to_camera, intrinsics); a toy run then also logs
+    how far the camera pans seen in the videos are from the ones the cameras command (toyworld.pan_error)."""
     device = next(model.parameters()).device
     B = len(prompts)
     noise = torch.randn((B, *shape), generator=torch.Generator().manual_seed(seed + 12345)).to(device)
@@ -283,18 +287,26 @@ def preview_grid(model, how, text, codec, prompts, shape, seed, path, toybench_l
     uncond = text.encode([text.negative_prompt] * B).to(device) if how.mode == "multi_step" else None
     was_training = model.training
     model.eval()
+    if cameras is not None:
+        cameras = tuple(c.to(device) for c in cameras)
     latents = sample_latents(model, how, noise, context, uncond,
-                             generator=torch.Generator(device=device).manual_seed(seed))
+                             generator=torch.Generator(device=device).manual_seed(seed), cameras=cameras)
     model.train(was_training)
     videos = codec.decode(latents.float().cpu())  # [B, T, 3, H, W] in [-1, 1]
     if path is not None:
         common.save_png_grid(videos, path, scale=2)
         if toybench_log is not None:
             import toyworld
-            scores = toyworld.score(videos, prompts)
-            toybench_log.log(step, **{f"toybench/{k}": scores[k] for k in ("total", "quality", "semantic")})
-            write(f"step {step}: ToyBench total {scores['total']:.3f} quality {scores['quality']:.3f} "
-                  f"semantic {scores['semantic']:.3f}")
+            if cameras is None:
+                scores = toyworld.score(videos, prompts)
+                toybench_log.log(step, **{f"toybench/{k}": scores[k] for k in ("total", "quality", "semantic")})
+                write(f"step {step}: ToyBench total {scores['total']:.3f} quality {scores['quality']:.3f} "
+                      f"semantic {scores['semantic']:.3f}")
+            else:
+                error = sum(toyworld.pan_error(v, toyworld.pans_of_cameras(w.cpu()))
+                            for v, w in zip(videos, cameras[0])) / len(prompts)
+                toybench_log.log(step, **{"toybench/pan_error": error})
+                write(f"step {step}: camera pan error {error:.2f} px/frame")
     return videos
 
 

@@ -7,6 +7,7 @@ be changed while the stream runs (paper title: "... for Real-Time Interactive Vi
   python serve.py --port 8080 --switch_mode cross_attn         # switch prompts by cross-attention only
   python serve.py --ckpt runs/dmd --wan_dir wan_models/Wan2.1-T2V-1.3B --device cuda    # Wan scale, one GPU
   python serve.py --host 0.0.0.0                               # reachable from other machines (no auth!)
+  python serve.py --ckpt runs/toy/camera_dmd_2step --use_ema   # world-model mode: arrow keys / WASD pan the camera
 
 Then open the printed URL. The server binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it cleanly.
 
@@ -20,8 +21,12 @@ rollout: step() -> decoded frames) · Session (one WebSocket: messages in, frame
 Protocol. Client -> server, JSON text: {"type": "start", "prompt": str}, {"type": "pause"}, {"type": "resume"},
 {"type": "reset"}, {"type": "prompt", "prompt": str, "mode": "recache" | "cross_attn"}, {"type": "control", ...}
 (the client's per-frame input: kept by the session and handed to every Stream.step; the text-to-video mode ignores
-it, a camera mode would turn it into that frame's pose). Server -> client: JSON text {"type": "hello" | "started" |
-"prompt_applied" | "paused" | "resumed" | "reset" | "error" | "busy", ...} and one binary message per decoded frame:
+it). World-model mode (a camera-conditioned checkpoint, paper §3.3): {"type": "control", "pan": [dx, dy]} is the
+camera's action, whole pixels per frame (|dx|, |dy| <= the toy world's CAMERA_MAX_PAN): from the next frame on, each
+frame's camera moves by it; the camera of every frame goes back as {"type": "camera", "frame": i, "corner": [x, y]}
+(the view's top-left corner in scene pixels) before the frame. Server -> client: JSON text {"type": "hello" |
+"started" | "prompt_applied" | "paused" | "resumed" | "reset" | "error" | "busy" | "camera", ...} and one binary
+message per decoded frame:
 a 16-byte little-endian header (uint32 frame index, float32 generation ms of its latent block, uint16 width,
 uint16 height, uint8 format 0 = raw RGB / 1 = JPEG, uint8 0, uint16 prompt epoch) followed by the pixels.
 """
@@ -139,6 +144,15 @@ class Engine:
             raise SystemExit(f"serve.py: error: {what[info['kind']]}; serve a Stage-2/3 few-step student")
         self.toy = info["text_encoder"] == "toy"
         self.info = info
+        self.camera = model.cfg.camera_dims > 0  # world-model mode: the client's pans drive the camera
+        if self.camera and not self.toy:
+            raise SystemExit("serve.py: error: the world-model mode drives the toy camera world's camera (pans of "
+                             "a pinhole over a plane); a Wan-scale camera model needs the camera convention of its "
+                             "training poses, which this server does not know")
+        self.max_pan = None  # world-model mode: px per frame per axis, as in the camera world's training clips
+        if self.camera:
+            import toyworld
+            self.max_pan = toyworld.CAMERA_MAX_PAN
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.text = encoders.load_text_encoder(info["text_encoder"], self.device)
@@ -162,7 +176,8 @@ class Engine:
         c = self.model.cfg
         return (f"{self.info['path']} ({self.info['stage'] or 'unknown stage'}, {c.num_layers} layers x {c.dim}), "
                 f"{self.cfg.steps}-step, {self.width}x{self.height}, rolling cache {self.window} frames "
-                f"({self.sink_frames} sink), {self.device}")
+                f"({self.sink_frames} sink), {self.device}" +
+                (", world-model mode: arrow keys / WASD pan the camera" if self.camera else ""))
 
     def encode(self, prompt):
         """prompt -> context [1, text_len, text_dim]; raises PromptError with a message for the page."""
@@ -182,6 +197,15 @@ class Engine:
     def new_stream(self, context, seed):
         return Stream(self, context, seed)
 
+    def read_pan(self, controls):
+        """The camera action of a control message -> (dx, dy) whole pixels per frame; raises PromptError."""
+        pan = controls.get("pan", (0, 0))
+        limit = self.max_pan
+        if not (isinstance(pan, (list, tuple)) and len(pan) == 2 and
+                all(isinstance(v, int) and not isinstance(v, bool) and abs(v) <= limit for v in pan)):
+            raise PromptError(f"pan must be two whole numbers of pixels per frame in [-{limit}, {limit}], got {pan!r}")
+        return tuple(pan)
+
     def close(self):
         self.executor.shutdown(wait=True, cancel_futures=True)
 
@@ -199,6 +223,8 @@ class Stream:
                                  window=engine.window, sink_frames=engine.sink_frames)
         self.decoder = engine.codec.stream_decoder()
         self.pixel_frames = 0  # pixel frames decoded so far (= latent frames for the toy codec)
+        self.corner = (0, 0)  # world-model mode: the view's top-left corner (scene pixels) of the last frame
+        self.corners = []  # ... and of the frames of the last block
 
     @property
     def latent_frame(self):
@@ -210,14 +236,25 @@ class Stream:
     @torch.no_grad()
     def step(self, controls=None):
         """Generate and decode the next block -> (first pixel frame index, uint8 frames [t, H, W, 3], seconds).
-        controls: the client's latest per-frame input; the text-to-video mode has none to apply (a camera mode
-        would turn it into this block's poses here)."""
+        controls: the client's latest per-frame input; the text-to-video mode has none to apply, the world-model
+        mode moves the camera by controls["pan"] (Engine.read_pan) every frame after the first."""
         engine = self.engine
         K = engine.model.cfg.frames_per_block
         start = time.perf_counter()
         noise = torch.randn((1, K, *engine.latent_shape), generator=self.generator, device=engine.device)  # fp32,
         # as sample.py: the latents stay fp32 between steps, only the model computes in bf16 on a GPU
-        x0 = self.rollout.step(noise)  # [1, K, C, h, w]
+        cameras = None
+        if engine.camera:
+            import toyworld
+            dx, dy = engine.read_pan(controls or {})
+            self.corners = []
+            for f in range(self.rollout.frame, self.rollout.frame + K):
+                if f > 0:
+                    self.corner = (self.corner[0] + dx, self.corner[1] + dy)
+                self.corners.append(self.corner)
+            world_to_camera, intrinsics = toyworld.camera_poses(self.corners)  # [K, 4, 4], [K, 3, 3]
+            cameras = (world_to_camera[None].to(engine.device), intrinsics[None].to(engine.device))
+        x0 = self.rollout.step(noise, cameras=cameras)  # [1, K, C, h, w]
         video = self.decoder.decode_next(x0.float().to(engine.codec_device))[0]  # [t, 3, H, W]
         frames = ((video.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         if engine.device.type == "cuda":
@@ -318,7 +355,14 @@ class Session:
         elif kind == "prompt":
             await self.queue_prompt(message.get("prompt", ""), message.get("mode"))
         elif kind == "control":
-            self.controls = {k: v for k, v in message.items() if k != "type"}
+            controls = {k: v for k, v in message.items() if k != "type"}
+            if self.engine.camera:
+                try:
+                    self.engine.read_pan(controls)
+                except PromptError as e:
+                    await self.send_json(type="error", message=f"control not accepted: {e}")
+                    return
+            self.controls = controls
         else:
             await self.send_json(type="error", message=f"unknown message type {kind!r}")
 
@@ -362,6 +406,8 @@ class Session:
                 await self.send_json(type="prompt_applied", prompt=self.prompt, mode=pending[-1][2],
                                      frame=index, latent_frame=first_new_frame, epoch=self.epoch)
             gen_ms = 1000.0 * seconds / len(frames)
+            for i, corner in enumerate(stream.corners if self.engine.camera else ()):
+                await self.send_json(type="camera", frame=index + i, corner=list(corner))
             for i, frame in enumerate(frames):
                 await self.ws.send_bytes(encode_frame(frame, index + i, gen_ms, self.epoch, self.engine.cfg))
             self.stats["frames_sent"] += len(frames)
@@ -389,8 +435,8 @@ async def stats_handler(request):
     sessions = app["sessions"]
     return web.json_response(dict(
         active_streams=sum(s.stream is not None for s in sessions), connections=len(sessions),
-        streams=[dict(frame=s.stream.pixel_frames if s.stream else None, prompt=s.prompt, epoch=s.epoch)
-                 for s in sessions],
+        streams=[dict(frame=s.stream.pixel_frames if s.stream else None, prompt=s.prompt, epoch=s.epoch,
+                      camera=list(s.stream.corner) if s.stream and s.engine.camera else None) for s in sessions],
         rss_bytes=rss_bytes(), **app["stats"]))
 
 
@@ -411,7 +457,7 @@ async def websocket_handler(request):
     await session.send_json(type="hello", width=engine.width, height=engine.height, window=engine.window,
                             sink_frames=engine.sink_frames, steps=engine.cfg.steps,
                             switch_mode=engine.cfg.switch_mode, default_prompt=engine.cfg.default_prompt,
-                            model=engine.describe())
+                            model=engine.describe(), camera=engine.camera, max_pan=engine.max_pan)
     task = asyncio.create_task(session.generate_forever())
     try:
         async for msg in ws:
@@ -527,7 +573,7 @@ PAGE = r"""<!doctype html>
 <div id="stats">
  <span>frame <b id="frame">-</b></span><span>frames/s <b id="fps">-</b></span>
  <span>frame interval <b id="interval">-</b> ms</span><span>generation <b id="gen">-</b> ms</span>
- <span>first frame <b id="first">-</b> ms</span>
+ <span>first frame <b id="first">-</b> ms</span><span id="camera_stat" hidden>camera <b id="camera">-</b></span>
 </div>
 <div class="small" id="model"></div>
 <script>
@@ -536,7 +582,7 @@ const $ = (id) => document.getElementById(id);
 const canvas = $("view"), ctx = canvas.getContext("2d");
 const demo = { frames: 0, lastIndex: -1, epoch: 0, arrivals: [], startedAt: null, firstFrameMs: null,
                lastIntervalMs: null, genMs: null, fps: 0, messages: [], recent: [], state: "idle",
-               keepRecent: 400 };
+               keepRecent: 400, maxPan: null, pan: [0, 0], camera: null };
 window.demo = demo;
 let ws = null, streaming = false;
 
@@ -565,7 +611,29 @@ function onJson(msg) {
   } else if (msg.type === "paused") { demo.state = "paused"; }
   else if (msg.type === "resumed") { demo.state = "running"; }
   else if (msg.type === "reset") { demo.state = "ready"; }
+  else if (msg.type === "camera") { demo.camera = msg.corner; $("camera").textContent = msg.corner.join(", "); }
+  if (msg.type === "hello" && msg.camera) { demo.maxPan = msg.max_pan; $("camera_stat").hidden = false; }
 }
+
+// world-model mode: held arrow keys / WASD set the camera's pan (px per frame), sent whenever it changes
+const held = new Set();
+const PAN_KEYS = { ArrowLeft: [-1, 0], a: [-1, 0], ArrowRight: [1, 0], d: [1, 0],
+                   ArrowUp: [0, -1], w: [0, -1], ArrowDown: [0, 1], s: [0, 1] };
+function sendPan() {
+  let dx = 0, dy = 0;
+  for (const key of held) { dx += PAN_KEYS[key][0]; dy += PAN_KEYS[key][1]; }
+  const pan = [Math.sign(dx) * demo.maxPan, Math.sign(dy) * demo.maxPan];
+  if (String(pan) !== String(demo.pan)) { demo.pan = pan; send({ type: "control", pan }); }
+}
+function onKey(event, down) {
+  const key = event.key.length === 1 ? event.key.toLowerCase() : event.key;
+  if (!demo.maxPan || !(key in PAN_KEYS) || event.target.tagName === "INPUT") return;
+  event.preventDefault();
+  if (down) held.add(key); else held.delete(key);
+  sendPan();
+}
+document.addEventListener("keydown", (event) => onKey(event, true));
+document.addEventListener("keyup", (event) => onKey(event, false));
 
 function onFrame(buffer) {
   const now = performance.now();

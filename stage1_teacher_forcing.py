@@ -41,6 +41,8 @@ class Config:
     init_use_ema: bool = False        # take the EMA weights of an init checkpoint that has them
     causal: bool = True               # True: teacher forcing (Stage 1); False: bidirectional flow matching
     frames_per_block: int = 1         # 1 = frame-wise, 3 = chunk-wise
+    camera_dims: int | None = None    # PRoPE channels per head for camera-conditioned training (§3.3; the data
+                                      # must carry cameras); None keeps the preset's / init checkpoint's
     per_frame_noise: float = 0.0      # bidirectional only: share of clips that draw one timestep per frame
                                       # instead of one per clip (docs/toy_world.md: it teaches the toy base to
                                       # carry an object from a cleaner frame to a noisier one)
@@ -119,15 +121,16 @@ def sample_timesteps(generator, num_frames, grid, *, causal, frames_per_block, p
     return sample_block_timesteps(generator, num_frames, frames_per_block, grid, per_video)
 
 
-def diffusion_loss(model, x0, noise, t, weight, context, teacher_forcing):
+def diffusion_loss(model, x0, noise, t, weight, context, teacher_forcing, cameras=None):
     """Weighted flow-matching loss.  x_t = (1−σ)x0 + σε;  v̂ = model(x_t, t | clean x0 as context);
     per frame ℓ_f = mean_{C,H,W} (v̂ − (ε − x0))²;  loss = mean_{B,F} w(t_f)·ℓ_f.
-    x0, noise [B, F, C, H, W]; t, weight [B, F]. Returns (loss, per-frame losses [B, F])."""
+    x0, noise [B, F, C, H, W]; t, weight [B, F]; cameras None or the frames' (world_to_camera, intrinsics).
+    Returns (loss, per-frame losses [B, F])."""
     x_t = M.add_noise(x0, noise, t)
     if teacher_forcing:  # the clean copy is the exact ground truth at t = 0: no noise is ever added to it
-        v = model(x_t, t, context, clean_x=x0)
+        v = model(x_t, t, context, clean_x=x0, cameras=cameras)
     else:
-        v = model(x_t, t, context, causal=False)
+        v = model(x_t, t, context, causal=False, cameras=cameras)
     per_frame = (v.float() - (noise.float() - x0.float())).pow(2).mean(dim=(2, 3, 4))  # [B, F]
     return (per_frame * weight).mean(), per_frame
 
@@ -148,6 +151,8 @@ def main(cfg):
                   f"{dist_ctx.world_size}, device {device}, compute {common.compute_dtype(dist_ctx, cfg.mixed_precision)}\n"
                   f"{common.format_config(cfg)}")
     assert cfg.loss_weighting in ("gaussian", "uniform"), "loss_weighting must be gaussian or uniform"
+    if cfg.camera_dims is not None and (cfg.camera_dims < 0 or cfg.camera_dims % 4):
+        raise common.ConfigError(f"camera_dims must be a multiple of 4 (PRoPE acts on 4-channel groups), got {cfg.camera_dims}")
     assert 0 <= cfg.per_frame_noise <= 1, f"per_frame_noise is a probability in [0, 1], got {cfg.per_frame_noise}"
     assert cfg.per_frame_noise == 0 or not cfg.causal, \
         "per_frame_noise is for the bidirectional base (causal=false); teacher forcing already draws t per frame"
@@ -158,10 +163,12 @@ def main(cfg):
     if cfg.init_from:  # the architecture of the init checkpoint (model_preset only for an official .pt)
         model, model_cfg, fmt, path = common.load_model(cfg.init_from, use_ema=cfg.init_use_ema, preset=cfg.model_preset,
                                                         causal=cfg.causal, frames_per_block=cfg.frames_per_block,
-                                                        what="init_from")
+                                                        camera_dims=cfg.camera_dims, what="init_from")
         common.print0(f"initialised from {path} ({fmt}): {model_cfg}")
     else:
-        model_cfg = M.WanConfig.from_preset(cfg.model_preset, causal=cfg.causal, frames_per_block=cfg.frames_per_block)
+        cameras = {} if cfg.camera_dims is None else dict(camera_dims=cfg.camera_dims)
+        model_cfg = M.WanConfig.from_preset(cfg.model_preset, causal=cfg.causal, frames_per_block=cfg.frames_per_block,
+                                            **cameras)
         model = M.CausalWanModel(model_cfg)
     model.gradient_checkpointing = cfg.activation_checkpointing
     model.to(device).train()
@@ -181,6 +188,12 @@ def main(cfg):
     latent_shape = tuple(data.get(0)[0].shape)  # [F, C, H, W]
     assert latent_shape[1] == model_cfg.in_dim, \
         f"data latents have {latent_shape[1]} channels but the model takes {model_cfg.in_dim}"
+    use_cameras = model_cfg.camera_dims > 0
+    if use_cameras != data.has_cameras():
+        raise common.ConfigError(
+            f"the model has {model_cfg.camera_dims} camera channels but the data in {cfg.data_dir} has no cameras; "
+            f"write it with prepare_data.py --toy N --world camera" if use_cameras else
+            f"the data in {cfg.data_dir} carries cameras but the model has none; set camera_dims (e.g. 16)")
     grid = M.timestep_grid(cfg.num_train_timesteps, cfg.timestep_shift)
     grid_weights = gaussian_grid_weights(grid) if cfg.loss_weighting == "gaussian" else torch.ones_like(grid)
     common.print0(f"data: {len(data)} clips of {latent_shape} in {cfg.data_dir}; model: {model.num_params():,} "
@@ -211,6 +224,9 @@ def main(cfg):
             counters = order.batch_counters(step * cfg.grad_accum + micro, cfg.batch_size, dist_ctx.rank,
                                             dist_ctx.world_size)
             x0, prompts, generators = common.gather_batch(data, order, counters, cfg.seed)
+            cameras = None
+            if use_cameras:
+                cameras = tuple(c.to(device) for c in common.gather_cameras(data, order, counters))
             noise, t, weight, drop = [], [], [], []
             for g in generators:  # every random draw of a sample comes from its own generator
                 t_sample, index = sample_timesteps(g, x0.shape[1], grid, causal=cfg.causal,
@@ -228,7 +244,8 @@ def main(cfg):
             if dist_ctx.enabled:  # reduce gradients only after the last micro-step
                 model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with common.autocast_context(dist_ctx, cfg.mixed_precision):
-                loss, _ = diffusion_loss(model, x0, noise, t, weight, context, teacher_forcing=cfg.causal)
+                loss, _ = diffusion_loss(model, x0, noise, t, weight, context, teacher_forcing=cfg.causal,
+                                         cameras=cameras)
             (loss / cfg.grad_accum).backward()
             total_loss += loss.item() / cfg.grad_accum
         grad_norm = common.clip_grad_norm(model, cfg.grad_clip)
@@ -254,8 +271,11 @@ def main(cfg):
             path = os.path.join(cfg.out_dir, f"samples_{done:07d}.png") if dist_ctx.is_main else None
             how = sample.Sampling("multi_step", sample_steps=cfg.sample_steps, cfg=cfg.sample_guidance,
                                   shift=cfg.sample_shift)
+            # a camera model's preview is sampled under the cameras of the first clips of the data
+            preview_cameras = common.cameras_of(data, range(len(prompts))) if use_cameras else None
             sample.preview_grid(ema if ema is not None else model, how, text, codec, prompts, latent_shape, cfg.seed,
-                                path, log if cfg.text_encoder == "toy" else None, done, progress.write)
+                                path, log if cfg.text_encoder == "toy" else None, done, progress.write,
+                                cameras=preview_cameras)
         stopping = stop.requested(dist_ctx)
         if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log)

@@ -112,23 +112,25 @@ def sample_cd_interval(generator, grid, num_frames, frames_per_block, per_block=
     return extended[k], extended[k + 1]
 
 
-def teacher_euler_step(teacher, x_t, t, t_next, x_gt, context, uncond_context, guidance_scale):
+def teacher_euler_step(teacher, x_t, t, t_next, x_gt, context, uncond_context, guidance_scale, cameras=None):
     """The x̂_{t−Δt} of eq. 3: one explicit Euler step of the AR teacher's PF-ODE, teacher-forced on the
     ground-truth prefix, with classifier-free guidance:
         v = v_φ(x_t | x_gt^{<i}, ∅) + w·(v_φ(x_t | x_gt^{<i}, c) − v_φ(x_t | x_gt^{<i}, ∅))
         x̂_{t'} = x_t − (σ_t − σ_{t'})·v
-    x_t, x_gt [B, F, C, H, W]; t, t_next [B, F]; cond and uncond run as one batch of 2B."""
+    x_t, x_gt [B, F, C, H, W]; t, t_next [B, F]; cond and uncond run as one batch of 2B. cameras: None or the
+    frames' (world_to_camera, intrinsics) for a camera-conditioned teacher (§3.3), the same for both halves."""
+    both = None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
     v_cond, v_uncond = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, uncond_context]),
-                               clean_x=torch.cat([x_gt, x_gt])).float().chunk(2)
+                               clean_x=torch.cat([x_gt, x_gt]), cameras=both).float().chunk(2)
     v = M.guided(v_cond, v_uncond, guidance_scale)
     step = M.sigma_of(t, x_t) - M.sigma_of(t_next, x_t)  # σ_t − σ_{t'} [B, F, 1, 1, 1], exact fp32
     return (x_t.float() - step * v).to(x_t.dtype)
 
 
-def consistency_function(model, x_t, t, x_gt, context):
+def consistency_function(model, x_t, t, x_gt, context, cameras=None):
     """Eq. 4: G_θ(x_t^i, x_gt^{<i}, t) = x_t^i − σ_t·v_θ(x_t^i | x_gt^{<i}, t), teacher-forced. At σ = 0 it is
     the identity, which is the consistency boundary condition."""
-    return M.x0_from_v(x_t, model(x_t, t, context, clean_x=x_gt), t)
+    return M.x0_from_v(x_t, model(x_t, t, context, clean_x=x_gt, cameras=cameras), t)
 
 
 def cd_weight(t, t_next, kind, grid):
@@ -141,18 +143,19 @@ def cd_weight(t, t_next, kind, grid):
 
 
 def cd_loss(student, ema_student, teacher, x_gt, noise, t, t_next, context, uncond_context, guidance_scale,
-            weight):
+            weight, cameras=None):
     """Eq. 3 with d = squared L2 (mean over elements):
         x_t = (1 − σ_t)·x_gt + σ_t·ε                                  (forward process on real data)
         x̂_{t'} = teacher_euler_step(x_t)                              (no gradient)
         target = G_θ⁻(x̂_{t'}, x_gt^{<i}, t')                          (EMA student, stop-gradient)
         loss = mean_b w_b · mean_{F,C,H,W} (G_θ(x_t, x_gt^{<i}, t) − target)²
+    cameras: None, or the frames' (world_to_camera, intrinsics), given to every model call (the world model).
     Returns (loss, per-sample distances [B])."""
     x_t = M.add_noise(x_gt, noise, t)
     with torch.no_grad():
-        x_hat = teacher_euler_step(teacher, x_t, t, t_next, x_gt, context, uncond_context, guidance_scale)
-        target = consistency_function(ema_student, x_hat, t_next, x_gt, context)
-    prediction = consistency_function(student, x_t, t, x_gt, context)
+        x_hat = teacher_euler_step(teacher, x_t, t, t_next, x_gt, context, uncond_context, guidance_scale, cameras)
+        target = consistency_function(ema_student, x_hat, t_next, x_gt, context, cameras)
+    prediction = consistency_function(student, x_t, t, x_gt, context, cameras)
     distance = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3, 4))  # [B]
     return (weight * distance).mean(), distance
 
@@ -273,6 +276,13 @@ def main(cfg):
     text = encoders.load_text_encoder(cfg.text_encoder, device)
     negative = text.encode([text.negative_prompt]).to(device)  # [1, Lt, E]
     clips = common.LatentShards(cfg.data_dir)
+    use_cameras = model_cfg.camera_dims > 0  # a camera-conditioned teacher: the world model of §3.3
+    if use_cameras != clips.has_cameras():
+        raise common.ConfigError(f"the teacher {'takes' if use_cameras else 'takes no'} cameras but the data in "
+                                 f"{cfg.data_dir} {'has none' if use_cameras else 'carries them'}; train on data "
+                                 f"that matches the teacher (prepare_data.py --toy N --world camera writes cameras)")
+    if use_cameras and cfg.method == "ode":
+        raise common.ConfigError("the causal ODE baseline is text-only; distil a camera-conditioned teacher with method: cd")
     cost = dict(teacher_forwards=0, seconds=0.0, bytes_written=0)
     if cfg.method == "ode":  # phase 1: offline trajectories, then train on them
         ode_dir = cfg.ode_dir or os.path.join(cfg.out_dir, "ode_data")
@@ -323,6 +333,9 @@ def main(cfg):
                                             dist_ctx.world_size)
             x_gt, prompts, generators = common.gather_batch(data, order, counters, cfg.seed)
             x_gt = x_gt.to(device)
+            cameras = None
+            if use_cameras:
+                cameras = tuple(c.to(device) for c in common.gather_cameras(data, order, counters))
             context = text.encode(prompts).to(device)
             if dist_ctx.enabled:
                 student.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
@@ -337,7 +350,7 @@ def main(cfg):
                     t, t_next = torch.stack(t).to(device), torch.stack(t_next).to(device)  # [B, F]
                     loss, _ = cd_loss(student, ema, teacher, x_gt, torch.stack(noise).to(device), t, t_next, context,
                                       negative.expand_as(context), cfg.guidance_scale,
-                                      cd_weight(t, t_next, cfg.cd_weighting, grid))
+                                      cd_weight(t, t_next, cfg.cd_weighting, grid), cameras)
                 else:
                     states = torch.stack([data.get(order.item(c), "states")[0] for c in counters]).to(device)
                     index = torch.stack([torch.randint(0, len(stored_t), (), generator=g) for g in generators])
@@ -368,7 +381,8 @@ def main(cfg):
                                   shift=cfg.timestep_shift)
             sampled = ema if ema is not None else student  # CD: the EMA weights θ⁻ (what Stage 3 starts from)
             sample.preview_grid(sampled, how, text, codec, prompts, latent_shape, cfg.seed, path,
-                                log if cfg.text_encoder == "toy" else None, done, progress.write)
+                                log if cfg.text_encoder == "toy" else None, done, progress.write,
+                                cameras=common.cameras_of(data, range(len(prompts))) if use_cameras else None)
         stopping = stop.requested(dist_ctx)
         if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log)

@@ -118,7 +118,7 @@ def sample_exit_steps(generator, num_steps, num_first_steps):
 
 
 def self_rollout(model, noise, context, steps, first_block_steps, exit_first, exit_other, generator, context_t=0.0,
-                 cache_dtype=None):
+                 cache_dtype=None, cameras=None):
     """The student generates a clip as it does at inference (model.generate's "renoise" sampler), but stops
     each block at its exit step: block output = the x0-prediction of step `exit` (so with exit 0 it is a
     one-shot prediction from pure noise). Per block of K frames:
@@ -129,7 +129,9 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
     by no-grad calls, so backward never sees a changed cache (model.KVCache).
     noise [B, F, C, H, W]; steps / first_block_steps: warped lists (first_block_steps None = steps); generator:
     one torch.Generator or one per sample (randn_like) for the fresh noise; cache_dtype:
-    the KV cache's storage (default: the parameters' dtype; bf16 under mixed precision on GPU halves it).
+    the KV cache's storage (default: the parameters' dtype; bf16 under mixed precision on GPU halves it);
+    cameras: None or the frames' (world_to_camera [B, F, 4, 4], intrinsics [B, F, 3, 3]), each block's slice
+    given to its denoising calls and its context pass (the action-conditioned world model, §3.3).
     Returns x0 of every block [B, F, C, H, W]."""
     cfg = model.cfg
     B, num_frames, C, H, W = noise.shape
@@ -141,9 +143,11 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
     cache = M.KVCache(cfg, B, num_frames, model.tokens_per_frame(H, W), noise.device,
                       cache_dtype or next(model.parameters()).dtype)
 
+    block_cameras = lambda f0: None if cameras is None else tuple(c[:, f0:f0 + K] for c in cameras)
+
     def x0_prediction(x, t_value, f0):
         t = torch.full((B, K), float(t_value), device=x.device)
-        return M.x0_from_v(x, model(x, t, context, cache=cache, start_frame=f0), t)
+        return M.x0_from_v(x, model(x, t, context, cache=cache, start_frame=f0, cameras=block_cameras(f0)), t)
 
     outputs = []
     for block, f0 in enumerate(range(0, num_frames, K)):
@@ -160,7 +164,7 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
             if context_t > 0:
                 x_context = M.add_noise(x_context, randn_like(x_context, generator), context_t)
             model(x_context, torch.full((B, K), float(context_t), device=x0.device), context, cache=cache,
-                  start_frame=f0)
+                  start_frame=f0, cameras=block_cameras(f0))
     return torch.cat(outputs, dim=1)  # [B, F, C, H, W]
 
 
@@ -176,11 +180,12 @@ def sample_dmd_timesteps(generators, shift, min_t, max_t):
     return (1000.0 * M.shift_sigma(u, shift)).clamp(min_t, max_t).float()
 
 
-def real_score_x0(real_score, x_t, t, context, uncond_context, guidance_scale):
+def real_score_x0(real_score, x_t, t, context, uncond_context, guidance_scale, cameras=None):
     """x0 of the frozen bidirectional teacher with CFG u + w(c − u) (on v, hence on x0: the weights sum to 1).
-    x_t [B, F, C, H, W]; t [B, F]."""
+    x_t [B, F, C, H, W]; t [B, F]; cameras: None or the frames' cameras, the same for both halves."""
+    both = None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
     v_cond, v_uncond = real_score(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, uncond_context]),
-                                  causal=False).float().chunk(2)
+                                  causal=False, cameras=both).float().chunk(2)
     return M.x0_from_v(x_t.float(), M.guided(v_cond, v_uncond, guidance_scale), t)
 
 
@@ -197,11 +202,11 @@ def dmd_generator_loss(x, gradient):
     return 0.5 * (x.double() - target).pow(2).mean()
 
 
-def critic_loss(fake_score, x, noise, t, context):
+def critic_loss(fake_score, x, noise, t, context, cameras=None):
     """Flow matching of the fake score on the student's samples: x_t = (1−σ)x + σε, loss = mean (v_fake − (ε − x))².
-    x (a no-grad rollout), noise [B, F, C, H, W]; t [B, F]."""
+    x (a no-grad rollout), noise [B, F, C, H, W]; t [B, F]; cameras: None or the rollout's cameras."""
     x_t = M.add_noise(x, noise, t)
-    v = fake_score(x_t, t, context, causal=False)
+    v = fake_score(x_t, t, context, causal=False, cameras=cameras)
     return (v.float() - (noise.float() - x.float())).pow(2).mean()
 
 
@@ -267,6 +272,19 @@ def main(cfg):
     # ---- prompts, text, schedules ----
     import encoders
     prompts = load_prompts(cfg.prompts)
+    camera_models = {name: c.camera_dims > 0 for name, c in
+                     (("generator", gen_cfg), ("real score", real_cfg), ("fake score", fake_cfg))}
+    use_cameras = camera_models["generator"]  # the action-conditioned world model of §3.3
+    if len(set(camera_models.values())) > 1:
+        raise common.ConfigError(f"generator, real and fake score must all take cameras or none: {camera_models}")
+    camera_data = None
+    if use_cameras:  # the rollouts run under the cameras of the shards the prompts come from
+        if not (os.path.isdir(cfg.prompts) and common.LatentShards(cfg.prompts).has_cameras()):
+            raise common.ConfigError(f"a camera-conditioned generator needs prompts from a shard directory with "
+                                     f"cameras (prepare_data.py --toy N --world camera); {cfg.prompts} has none")
+        camera_data = common.LatentShards(cfg.prompts)
+        assert camera_data.cameras(0)[0].shape[0] == cfg.num_frames, \
+            f"the shards' cameras cover {camera_data.cameras(0)[0].shape[0]} frames, the rollout {cfg.num_frames}"
     order = common.DataOrder(len(prompts), cfg.seed)
     text = encoders.load_text_encoder(cfg.text_encoder, device)
     negative = text.encode([text.negative_prompt]).to(device)  # [1, Lt, E]
@@ -302,12 +320,16 @@ def main(cfg):
         shared = common.sample_generator(cfg.seed + 1, index)  # exit steps: the same on every rank
         exits = sample_exit_steps(shared, len(steps), len(first_steps) if first_steps else 0)
         noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])  # [B, F, C, H, W]
-        return context, generators, exits, noise
+        cameras = None
+        if use_cameras:
+            cameras = tuple(c.to(device) for c in common.gather_cameras(camera_data, order, counters))
+        return context, generators, exits, noise, cameras
 
     cache_dtype = torch.bfloat16 if (cfg.mixed_precision and device.type == "cuda") else None
 
-    def rollout(context, g, exits, noise):
-        return self_rollout(generator, noise, context, steps, first_steps, *exits, g, cfg.context_t, cache_dtype)
+    def rollout(context, g, exits, noise, cameras):
+        return self_rollout(generator, noise, context, steps, first_steps, *exits, g, cfg.context_t, cache_dtype,
+                            cameras)
 
     # ---- training loop: 1 generator update, then `critic_updates` critic updates ----
     from tqdm import tqdm
@@ -320,18 +342,18 @@ def main(cfg):
         # -- generator: DMD through the self-rollout (real and fake scores only evaluated) --
         generator_loss = 0.0
         for micro in range(cfg.grad_accum):
-            context, g, exits, noise = micro_batch(step, 0, micro)
+            context, g, exits, noise, cameras = micro_batch(step, 0, micro)
             if dist_ctx.enabled:
                 generator.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with common.autocast_context(dist_ctx, cfg.mixed_precision):
-                x = rollout(context, g, exits, noise)  # [B, F, C, H, W], gradient through the exit steps
+                x = rollout(context, g, exits, noise, cameras)  # [B, F, C, H, W], gradient through the exit steps
                 with torch.no_grad():
                     t = sample_dmd_timesteps(g, cfg.timestep_shift, cfg.dmd_min_t, cfg.dmd_max_t)
                     t = t.to(device)[:, None].expand(-1, cfg.num_frames).contiguous()  # [B, F], same t every frame
                     x_t = M.add_noise(x.detach(), randn_like(x.detach(), g), t)
-                    x0_fake = M.x0_from_v(x_t.float(), fake(x_t, t, context, causal=False).float(), t)
+                    x0_fake = M.x0_from_v(x_t.float(), fake(x_t, t, context, causal=False, cameras=cameras).float(), t)
                     x0_real = real_score_x0(real, x_t, t, context, negative.expand_as(context),
-                                            cfg.real_guidance_scale)
+                                            cfg.real_guidance_scale, cameras)
                     gradient = dmd_gradient(x.detach(), x0_fake, x0_real)
                 loss = dmd_generator_loss(x, gradient)
             (loss / cfg.grad_accum).backward()
@@ -348,15 +370,15 @@ def main(cfg):
         for phase in range(1, cfg.critic_updates + 1):
             total = 0.0
             for micro in range(cfg.grad_accum):
-                context, g, exits, noise = micro_batch(step, phase, micro)
+                context, g, exits, noise, cameras = micro_batch(step, phase, micro)
                 if dist_ctx.enabled:
                     fake.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
                 with common.autocast_context(dist_ctx, cfg.mixed_precision):
                     with torch.no_grad():
-                        x = rollout(context, g, exits, noise)
+                        x = rollout(context, g, exits, noise, cameras)
                     t = sample_dmd_timesteps(g, cfg.timestep_shift, cfg.dmd_min_t, cfg.dmd_max_t)
                     t = t.to(device)[:, None].expand(-1, cfg.num_frames).contiguous()  # [B, F]
-                    loss = critic_loss(fake, x, randn_like(x, g), t, context)
+                    loss = critic_loss(fake, x, randn_like(x, g), t, context, cameras)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             critic_grad_norms.append(common.clip_grad_norm(fake, cfg.grad_clip))
@@ -383,7 +405,8 @@ def main(cfg):
             how = sample.Sampling("few_step", steps=tuple(cfg.denoising_steps), shift=cfg.timestep_shift,
                                   first_block_steps=tuple(cfg.first_block_steps) or None, context_t=cfg.context_t)
             sample.preview_grid(ema, how, text, codec, preview, shape, cfg.seed, path,
-                                log if cfg.text_encoder == "toy" else None, done, progress.write)
+                                log if cfg.text_encoder == "toy" else None, done, progress.write,
+                                cameras=common.cameras_of(camera_data, range(len(preview))) if use_cameras else None)
         stopping = stop.requested(dist_ctx)
         if done % cfg.save_every == 0 or done == cfg.max_steps or stopping:
             common.save_training_checkpoint(cfg.out_dir, done, dist_ctx, modules, optimizers, run_config, log,

@@ -1,6 +1,6 @@
 """
 Evaluation on the toy world, on CPU: ToyBench (toyworld.py) of any checkpoint of this repo, and the paper's
-Table 2 in miniature. Two commands, each with its own --help:
+Table 2 in miniature, and the camera world of the action-conditioned world model. Each command has its own --help:
 
   score     ToyBench of one checkpoint on the 23 held-out prompts x --samples (default 2, as docs/results.md).
             The checkpoint says what it is and is sampled that way (sample.py): a few-step student with its
@@ -27,6 +27,13 @@ Table 2 in miniature. Two commands, each with its own --help:
             the model (flipped − true) and to the exact denoiser (open − true).
 
     python toy_eval.py oracle --ckpt checkpoints/toy/base --sigmas 0.97,0.95,0.9,0.8,0.6
+
+  camera    A camera-conditioned model (paper §3.3; docs/world_model.md) on the camera world: every held-out
+            prompt under a still camera (ToyBench of the objects), a smooth random pan (action following: the
+            pan seen in the pixels against the commanded one, px/frame) and a there-and-back pan (revisit
+            consistency: does the static scene of frame 0 reappear in the last frame), beside the ground truth.
+
+    python toy_eval.py camera --ckpt runs/toy/camera_base --use_ema
 
 Held-out prompts are (colour, shape, motion) combinations that never occur in training (toyworld.HELDOUT), so
 the semantic score measures composition, not memory. Every prompt is sampled --samples times from fixed seeds.
@@ -57,10 +64,11 @@ def load_model(path, use_ema):
 
 @torch.no_grad()
 def sample_toy(model, prompts, *, seed=0, steps=None, sample_steps=40, guidance_scale=3.0, shift=5.0, how=None,
-               batch_size=32):
+               batch_size=32, cameras=None):
     """Videos [N, T, 3, H, W] for prompts [N] (noise of prompt i from seed + i), in batches, through
     sample.sample_latents. how: a sample.Sampling; without it, steps = a nominal few-step list (first frame
-    4 steps), else `sample_steps`-step Euler with CFG."""
+    4 steps), else `sample_steps`-step Euler with CFG. cameras: (world_to_camera [N, T, 4, 4], intrinsics
+    [N, T, 3, 3]) for a camera-conditioned model."""
     import toyworld
     if how is None:
         how = (sample.Sampling("few_step", steps=tuple(steps), shift=shift) if steps is not None else
@@ -73,8 +81,9 @@ def sample_toy(model, prompts, *, seed=0, steps=None, sample_steps=40, guidance_
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + first + i))
                              for i in range(len(batch))])  # [b, F, C, H, W]
         uncond = text.encode([text.negative_prompt] * len(batch)) if how.mode == "multi_step" else None
+        batch_cameras = None if cameras is None else tuple(c[first:first + batch_size] for c in cameras)
         latents = sample.sample_latents(model, how, noise, text.encode(batch), uncond,
-                                        generator=torch.Generator().manual_seed(seed + first))
+                                        generator=torch.Generator().manual_seed(seed + first), cameras=batch_cameras)
         videos.append(codec.decode(latents))
     return torch.cat(videos)
 
@@ -104,6 +113,67 @@ def score_checkpoint(args):
                        **{k: v for k, v in scores.items() if k != "per_video"}}, f, indent=2)
         print(f"wrote {args.json}")
     return scores
+
+
+# -----------------------------------------------------------------------------
+# the camera world: action following, objects, revisit consistency (paper §3.3)
+
+
+def camera_rows(videos, items):
+    """Scores of camera-world clips (in the order of toyworld.camera_eval_set) -> one row: pan error (px per
+    frame, over the "pan" and "revisit" clips), revisit consistency, and ToyBench semantic of the "still" clips
+    (its quality metrics count the landmarks as stray pixels, so they are left out)."""
+    import toyworld
+    kinds = {kind: [i for i, item in enumerate(items) if item["kind"] == kind] for kind in ("still", "pan", "revisit")}
+    moving = kinds["pan"] + kinds["revisit"]
+    row = dict(pan_error=sum(toyworld.pan_error(videos[i], items[i]["pans"]) for i in moving) / len(moving))
+    still_colours = lambda prompt: [o["colour"] for o in toyworld.parse_prompt(prompt) if o["motion"] == "still"]
+    row["revisit"] = sum(toyworld.revisit_consistency(videos[i], still_colours(items[i]["prompt"]))
+                         for i in kinds["revisit"]) / len(kinds["revisit"])
+    still = toyworld.score(videos[kinds["still"]], [items[i]["prompt"] for i in kinds["still"]])
+    row.update({k: still[k] for k in ("semantic", "colour", "shape", "direction", "speed")})
+    return row
+
+
+def format_camera_table(rows):
+    heads = ("pan err px", "revisit", "semantic", "colour", "shape", "direction", "speed")
+    width = max(len("name"), *(len(n) for n in rows))
+    lines = [f"{'name':<{width}} " + " ".join(f"{h:>10}" for h in heads)]
+    for name, r in rows.items():
+        cells = [f"{r['pan_error']:10.2f}"] + [f"{100 * r[k]:10.1f}" for k in
+                                               ("revisit", "semantic", "colour", "shape", "direction", "speed")]
+        lines.append(f"{name:<{width}} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def camera_checkpoint(args):
+    """The camera-world evaluation of one camera-conditioned checkpoint, beside the ground truth."""
+    import toyworld
+    model, info = sample.load_for_inference(args.ckpt, use_ema=args.use_ema, wan_dir="toy")
+    if model.cfg.camera_dims == 0:
+        raise sample.SampleError(f"{info['path']} takes no cameras (camera_dims = 0); train one on camera-world "
+                                 f"data (docs/world_model.md)")
+    how = sample.choose_sampling(info, args.steps, args.sample_steps, cfg=args.cfg)
+    items = toyworld.camera_eval_set(args.samples)
+    truth = [toyworld.render_camera_clip(item["prompt"], item["seed"], pans=item["pans"]) for item in items]
+    cameras = (torch.stack([c["world_to_camera"] for c in truth]), torch.stack([c["intrinsics"] for c in truth]))
+    start = time.time()
+    videos = sample_toy(model, [item["prompt"] for item in items], seed=args.seed, how=how, cameras=cameras)
+    seconds = time.time() - start
+    rows = {"ground truth": camera_rows(torch.stack([c["video"] for c in truth]), items),
+            args.name or f"{info['path']} ({how.describe()})": camera_rows(videos, items)}
+    print(format_camera_table(rows))
+    print(f"{len(items)} videos (23 held-out prompts x {args.samples} x still/pan/revisit cameras) in {seconds:.1f} s")
+    if args.png:
+        pick = [i for i, item in enumerate(items) if item["kind"] != "still"][:8]
+        common.save_png_grid(videos[pick], args.png, scale=2)
+        print(f"wrote {args.png}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": info["path"], "sampling": how.describe(), "seconds": seconds, "rows": rows}, f,
+                      indent=2)
+        print(f"wrote {args.json}")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -314,6 +384,20 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=2, help="videos per held-out prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the rows to this file")
+    p = sub.add_parser("camera", help="the camera world: action following, revisit consistency, objects",
+                       description="A camera-conditioned checkpoint on the held-out prompts under still, random and "
+                       "there-and-back camera paths: pan error (px/frame), revisit consistency, ToyBench semantic.")
+    p.add_argument("--ckpt", required=True, help="checkpoint or run directory of a camera-conditioned model")
+    p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
+    p.add_argument("--steps", type=int, choices=sorted(sample.FEW_STEP_LISTS),
+                   help="few-step rollout, steps per frame (students: default 2)")
+    p.add_argument("--sample_steps", type=int, help="multi-step Euler with CFG (Stage 1 and the base: default 40)")
+    p.add_argument("--cfg", type=float, default=sample.Sampling.cfg, help="CFG weight of multi-step sampling")
+    p.add_argument("--samples", type=int, default=2, help="camera paths per held-out prompt and kind")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="row name in the table")
+    p.add_argument("--png", help="write a strip of the first 8 panning videos")
+    p.add_argument("--json", help="write the rows to this file")
     p = sub.add_parser("oracle", help="the oracle gap of a bidirectional model: its loss over the exact denoiser's",
                        description="Loss per σ of a bidirectional toy model with the true and the direction-flipped "
                        "prompt, beside the exact (Bayes) denoiser's with the true prompt and with the direction open.")
@@ -329,7 +413,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return {"score": score_checkpoint, "ablation": ablation, "oracle": oracle_checkpoint}[args.command](args)
+        return {"score": score_checkpoint, "ablation": ablation, "oracle": oracle_checkpoint,
+                "camera": camera_checkpoint}[args.command](args)
     except sample.SampleError as e:
         raise SystemExit(f"toy_eval.py: error: {e}") from None
 

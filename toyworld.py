@@ -230,6 +230,179 @@ def sample_training_videos(n, seed, start=0, p_two=0.3):
 
 
 # -----------------------------------------------------------------------------
+# ---- the camera world: the action-conditioned world model of paper §3.3 ----
+# The scene is a CAMERA_WORLD_SIZE² torus (it wraps, so a camera can pan forever and every rollout has a ground
+# truth): the prompt's objects move through it as their clauses say (linear motions wrap around, "bounce" falls
+# and reflects off the floor and the ceiling of the scene), over a static background of grey landmarks, one per
+# LANDMARK_CELL² cell at a random offset, so that every view shows some and a pan is visible even when no object
+# is in view. The camera sees a TOY_SIZE² window. Its action is the pan: a whole number of pixels per frame on each
+# axis, |pan| <= CAMERA_MAX_PAN, changing by one pixel per frame on one axis with probability PAN_CHANGE per frame
+# (smooth pans). Each frame carries the real camera that sees that window: a pinhole at height 0 looking down +z
+# at the scene plane z = 1, with world units of TOY_SIZE pixels and focal length 1 in normalised image
+# coordinates (model.normalised_intrinsics), so scene pixel (u, v) is the world point (u, v, TOY_SIZE) / TOY_SIZE.
+# The view's top-left corner is kept unwrapped (it grows without bound) and only the rendering wraps. A clip
+# frames its subject, the first object: whole in frame 0, and kept in view for as many frames as the pans allow.
+
+CAMERA_WORLD_SIZE = 64     # the scene torus, in pixels
+CAMERA_MAX_PAN = 2         # px per frame on each axis
+PAN_CHANGE = 0.2           # per-frame probability that the pan changes (by one px/frame on one axis)
+LANDMARK_CELL = 16         # one landmark per 16x16 cell of the scene: 16 landmarks, 4 cells per view
+LANDMARK_SIZE = 2          # grey 2x2 squares
+LANDMARK_GREY = 0.5        # in [0, 1]; 0.0 in [-1, 1], exact in fp16
+CAMERA_MAX_POS = CAMERA_WORLD_SIZE - OBJECT_SIZE   # bounce reflects between y = 0 and y = CAMERA_MAX_POS
+
+
+def camera_world_path(obj, x0, y0, frames, wrap=True):
+    """Top-left corners [(x, y)] per frame in the scene, wrapped into [0, CAMERA_WORLD_SIZE) (wrap=False: the
+    unwrapped positions, to compare with the unwrapped view corners)."""
+    s = SPEEDS[obj["speed"]] if obj["speed"] is not None else 0
+    dx, dy = {"left": (-s, 0), "right": (s, 0), "up": (0, -s), "down": (0, s), "bounce": (0, s), "still": (0, 0)}[obj["motion"]]
+    points = []
+    for t in range(frames):
+        x, y = x0 + dx * t, y0 + dy * t
+        if obj["motion"] == "bounce":  # a triangle wave between the ceiling and the floor
+            y = y % (2 * CAMERA_MAX_POS)
+            y = y if y <= CAMERA_MAX_POS else 2 * CAMERA_MAX_POS - y
+        points.append((x % CAMERA_WORLD_SIZE, y % CAMERA_WORLD_SIZE) if wrap else (x, y))
+    return points
+
+
+def frame_subject(path, pans, rng):
+    """The view's first top-left corner: among those that show the subject (the first object, unwrapped `path`)
+    whole in frame 0, one that keeps it whole in view for the most frames under `pans` (uniform among ties)."""
+    free = TOY_SIZE - OBJECT_SIZE
+    x0, y0 = path[0]
+    best, corners = -1, []
+    for ox in range(free + 1):
+        for oy in range(free + 1):
+            views = view_corners((x0 - ox, y0 - oy), pans)
+            seen = sum(0 <= x - cx <= free and 0 <= y - cy <= free for (x, y), (cx, cy) in zip(path, views))
+            if seen > best:
+                best, corners = seen, []
+            if seen == best:
+                corners.append((x0 - ox, y0 - oy))
+    return rng.choice(corners)
+
+
+def camera_pans(rng, frames, pan=None):
+    """The camera's action: a pan (dx, dy) in px for each of the frames-1 transitions, a smooth random walk
+    starting from `pan` (default: uniform)."""
+    pan = pan or (rng.randint(-CAMERA_MAX_PAN, CAMERA_MAX_PAN), rng.randint(-CAMERA_MAX_PAN, CAMERA_MAX_PAN))
+    pans = []
+    for _ in range(frames - 1):
+        if rng.random() < PAN_CHANGE:
+            axis = rng.randrange(2)
+            options = [v for v in (pan[axis] - 1, pan[axis] + 1) if abs(v) <= CAMERA_MAX_PAN]
+            pan = (rng.choice(options), pan[1]) if axis == 0 else (pan[0], rng.choice(options))
+        pans.append(pan)
+    return pans
+
+
+def view_corners(start, pans):
+    """Unwrapped top-left corners of the view, one per frame: start, then start + the running sum of pans."""
+    corners = [tuple(start)]
+    for dx, dy in pans:
+        corners.append((corners[-1][0] + dx, corners[-1][1] + dy))
+    return corners
+
+
+def camera_poses(corners):
+    """The pinhole camera that sees each view: world_to_camera [F, 4, 4] (no rotation; the camera sits above the
+    view's centre) and normalised intrinsics [F, 3, 3] (focal 1, principal point at the image centre)."""
+    frames = len(corners)
+    world_to_camera = torch.eye(4, dtype=torch.float32).repeat(frames, 1, 1)
+    centre = (torch.tensor(corners, dtype=torch.float64) + TOY_SIZE / 2) / TOY_SIZE   # [F, 2] world units
+    world_to_camera[:, :2, 3] = (-centre).float()
+    intrinsics = torch.eye(3, dtype=torch.float32).repeat(frames, 1, 1)
+    return world_to_camera, intrinsics
+
+
+def sample_landmarks(rng):
+    """Top-left corners of the grey landmarks: one per LANDMARK_CELL² cell, at a random offset inside it."""
+    cells = range(0, CAMERA_WORLD_SIZE, LANDMARK_CELL)
+    return [(cx + rng.randint(0, LANDMARK_CELL - LANDMARK_SIZE), cy + rng.randint(0, LANDMARK_CELL - LANDMARK_SIZE))
+            for cy in cells for cx in cells]
+
+
+def draw_scene(objects, positions, landmarks):
+    """The whole scene at one instant: [3, CAMERA_WORLD_SIZE, CAMERA_WORLD_SIZE] in [0, 1], objects over landmarks."""
+    N = CAMERA_WORLD_SIZE
+    scene = torch.tensor(BACKGROUND).view(3, 1, 1).repeat(1, N, N)
+    for x, y in landmarks:
+        scene[:, y:y + LANDMARK_SIZE, x:x + LANDMARK_SIZE] = LANDMARK_GREY
+    for obj, (x, y) in zip(objects, positions):
+        rows, cols = torch.arange(y, y + OBJECT_SIZE) % N, torch.arange(x, x + OBJECT_SIZE) % N   # wraps around
+        patch = scene[:, rows][:, :, cols]   # [3, 8, 8] copy
+        patch[:, TEMPLATES[obj["shape"]]] = torch.tensor(COLOURS[obj["colour"]]).view(3, 1)
+        scene[:, rows[:, None], cols[None, :]] = patch
+    return scene
+
+
+def view_of(scene, corner):
+    """The TOY_SIZE² window of the scene torus whose top-left corner is `corner` (unwrapped)."""
+    N = CAMERA_WORLD_SIZE
+    rows = torch.arange(corner[1], corner[1] + TOY_SIZE) % N
+    cols = torch.arange(corner[0], corner[0] + TOY_SIZE) % N
+    return scene[:, rows[:, None], cols[None, :]]   # [3, TOY_SIZE, TOY_SIZE]
+
+
+def place_in_scene(objects, rng, frames):
+    """Start corners of the objects in the scene, rejection-sampled so two objects never overlap within the clip."""
+    for _ in range(1000):
+        starts = []
+        for obj in objects:
+            y = rng.randrange(CAMERA_WORLD_SIZE)
+            if obj["motion"] == "bounce":  # as in the objects world: it hits the floor in the middle half of the clip
+                y = CAMERA_MAX_POS - SPEEDS[obj["speed"]] * rng.randint(frames // 4, frames - frames // 4 - 1)
+            starts.append((rng.randrange(CAMERA_WORLD_SIZE), y))
+        paths = [camera_world_path(o, x, y, frames) for o, (x, y) in zip(objects, starts)]
+        if len(paths) == 1 or not _torus_overlap(paths[0], paths[1]):
+            return starts
+    raise RuntimeError(f"could not place {objects} without overlap in 1000 tries")
+
+
+def _torus_overlap(path_a, path_b):
+    limit, N = OBJECT_SIZE + MIN_GAP, CAMERA_WORLD_SIZE
+    near = lambda a, b: min((a - b) % N, (b - a) % N) < limit
+    return any(near(xa, xb) and near(ya, yb) for (xa, ya), (xb, yb) in zip(path_a, path_b))
+
+
+def render_camera_clip(objects, seed, frames=TOY_FRAMES, pans=None):
+    """Objects (dicts or a prompt) + seed -> dict: video [T, 3, H, W] in [-1, 1], world_to_camera [T, 4, 4],
+    intrinsics [T, 3, 3], pans [(dx, dy)] * (T-1), corners, and the scene layout. `pans` overrides the random
+    camera path (the commanded actions of an evaluation)."""
+    if isinstance(objects, str):
+        objects = parse_prompt(objects)
+    rng = random.Random(f"toy-camera-{seed}")
+    landmarks = sample_landmarks(rng)
+    starts = place_in_scene(objects, rng, frames)
+    pans = camera_pans(rng, frames) if pans is None else [tuple(p) for p in pans]
+    assert len(pans) == frames - 1, f"{frames} frames need {frames - 1} pans, got {len(pans)}"
+    corners = view_corners(frame_subject(camera_world_path(objects[0], *starts[0], frames, wrap=False), pans, rng), pans)
+    paths = [camera_world_path(o, x, y, frames) for o, (x, y) in zip(objects, starts)]
+    video = torch.stack([view_of(draw_scene(objects, [p[t] for p in paths], landmarks), corners[t])
+                         for t in range(frames)]) * 2 - 1   # [T, 3, H, W]
+    world_to_camera, intrinsics = camera_poses(corners)
+    return dict(video=video, world_to_camera=world_to_camera, intrinsics=intrinsics, pans=pans, corners=corners,
+                landmarks=landmarks, starts=starts)
+
+
+def sample_camera_training_videos(n, seed, start=0, p_two=0.3):
+    """Camera-world training clips start..start+n-1 (video i depends only on (seed, i)) -> videos [n, T, 3, H, W],
+    prompts [n], world_to_camera [n, T, 4, 4], intrinsics [n, T, 3, 3], metadata."""
+    videos, prompts, poses, intrinsics, meta = [], [], [], [], []
+    for i in range(start, start + n):
+        objects = sample_objects(random.Random(f"toy-camera-train-{seed}-{i}"), p_two)
+        clip = render_camera_clip(objects, f"train-{seed}-{i}")
+        videos.append(clip["video"])
+        prompts.append(make_prompt(objects))
+        poses.append(clip["world_to_camera"])
+        intrinsics.append(clip["intrinsics"])
+        meta.append(dict(index=i, objects=objects, pans=clip["pans"]))
+    return torch.stack(videos), prompts, torch.stack(poses), torch.stack(intrinsics), meta
+
+
+# -----------------------------------------------------------------------------
 # ---- the exact denoiser: the toy world's physical limit ----
 # For a one-object prompt the renderer's only free choice is the start position, drawn uniformly from a known
 # set (`start_positions`). So the clean clip given the prompt is uniform over a few hundred candidate clips, and
@@ -526,6 +699,87 @@ def score_video(video, prompt):
     out["semantic"] = sum(out[k] for k in SEMANTIC_KEYS) / len(SEMANTIC_KEYS)
     out["total"] = (4 * out["quality"] + out["semantic"]) / 5
     return out
+
+
+# Camera world (action following). The pan between two consecutive frames is read off the static background:
+# each pixel's greyness (1 at the landmark grey, falling linearly to 0 at RGB distance 0.5 from it, so objects,
+# which move on their own, count as background) is compared between frame t+1 and frame t moved by (dx, dy),
+# over the pixels the two views share; the estimate is the whole-pixel (dx, dy), |dx|, |dy| <= PAN_SEARCH,
+# with the smallest mean absolute difference. A clip that ignores the commanded pan is off by the pan itself.
+
+PAN_SEARCH = CAMERA_MAX_PAN + 2
+
+
+def estimate_pans(video, search=PAN_SEARCH):
+    """[T, 3, H, W] in [-1, 1] -> the estimated pans [T-1, 2] (dx, dy) in whole pixels, camera motion (the content
+    moves the other way: frame t+1 at (y, x) shows what frame t showed at (y + dy, x + dx))."""
+    T, C, H, W = video.shape
+    assert C == 3 and T >= 2, f"estimate_pans wants [T>=2, 3, H, W], got {tuple(video.shape)}"
+    rgb = (video.float().cpu() + 1) / 2
+    grey = (1 - (rgb - LANDMARK_GREY).norm(dim=1, keepdim=True) / 0.5).clamp(min=0)   # [T, 1, H, W] greyness
+    pans = []
+    for t in range(T - 1):
+        before, after = grey[t], grey[t + 1]
+        best = None
+        for dy in range(-search, search + 1):
+            for dx in range(-search, search + 1):
+                # after[y, x] = before[y + dy, x + dx] on the shared rows/columns
+                a = after[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
+                b = before[:, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+                error = (a - b).abs().mean().item()
+                if best is None or error < best[0]:
+                    best = (error, dx, dy)
+        pans.append(best[1:])
+    return torch.tensor(pans, dtype=torch.float32)   # [T-1, 2]
+
+
+def pans_of_cameras(world_to_camera):
+    """The pans [T-1, 2] in pixels that camera-world cameras [T, 4, 4] command (camera_poses inverted)."""
+    centre = -world_to_camera[:, :2, 3].double() * TOY_SIZE   # [T, 2] view centres in scene pixels
+    return (centre[1:] - centre[:-1]).float()
+
+
+def pan_error(video, pans):
+    """Action following: mean Euclidean distance (px per frame) between the pans estimated from the clip and the
+    commanded ones [T-1, 2]."""
+    commanded = torch.as_tensor(pans, dtype=torch.float32)
+    estimated = estimate_pans(video)
+    assert commanded.shape == estimated.shape, f"{video.shape[0]} frames need {estimated.shape[0]} pans, got {tuple(commanded.shape)}"
+    return (estimated - commanded).norm(dim=1).mean().item()
+
+
+def revisit_consistency(video, still_colours=()):
+    """For a clip whose camera returns to where it started: IoU of the static scene (landmark pixels, and the
+    pixels of objects that stay still) in the first and the last frame. [T, 3, H, W] -> float in [0, 1]."""
+    rgb = (video.float().cpu() + 1) / 2
+    static = (rgb - LANDMARK_GREY).norm(dim=1) < COLOUR_TOL   # [T, H, W]
+    label = _label_pixels(video)
+    for colour in still_colours:
+        static |= label == COLOUR_INDEX[colour]
+    first, last = static[0], static[-1]
+    union = (first | last).sum().item()
+    return (first & last).sum().item() / union if union else 0.0
+
+
+REVISIT_AWAY = 5   # frames the camera pans away (at CAMERA_MAX_PAN) before it pans back
+
+
+def camera_eval_set(samples):
+    """The camera-world evaluation: every held-out prompt x `samples`, each under three commanded camera paths
+    -> [dict(prompt, seed, kind, pans)]. kind "still": no pan (ToyBench semantic of the objects); "pan": a
+    smooth random path (action following); "revisit": CAMERA_MAX_PAN px/frame away for REVISIT_AWAY frames,
+    one still frame, and back to the start (revisit consistency; horizontal for even samples, vertical for odd)."""
+    items = []
+    for prompt in heldout_prompts():
+        for s in range(samples):
+            away = (CAMERA_MAX_PAN, 0) if s % 2 == 0 else (0, CAMERA_MAX_PAN)
+            back = (-away[0], -away[1])
+            paths = {"still": [(0, 0)] * (TOY_FRAMES - 1),
+                     "pan": camera_pans(random.Random(f"toy-camera-eval-{prompt}-{s}"), TOY_FRAMES),
+                     "revisit": [away] * REVISIT_AWAY + [(0, 0)] * (TOY_FRAMES - 1 - 2 * REVISIT_AWAY) + [back] * REVISIT_AWAY}
+            for kind, pans in paths.items():
+                items.append(dict(prompt=prompt, seed=f"eval-{s}", kind=kind, pans=pans))
+    return items
 
 
 def aggregate(per_video):

@@ -19,31 +19,33 @@ REPO = Path(__file__).resolve().parent.parent
 HOOKED_RUN = str(Path(__file__).resolve().parent / "hooked_run.py")
 
 
-def tiny_model_config(causal=True):
+def tiny_model_config(causal=True, camera_dims=0):
     """The tiny Wan-shaped config of the run tests (1 layer, 32 wide, toy channels and text): what they check
-    (resume, kill, sharding, reduction) does not depend on width, and a step costs milliseconds."""
+    (resume, kill, sharding, reduction) does not depend on width, and a step costs milliseconds. camera_dims 4
+    or 8 (of its 8 frame-axis RoPE channels): a camera-conditioned (PRoPE) model."""
     return M.WanConfig(in_dim=12, out_dim=12, dim=32, ffn_dim=64, freq_dim=32, text_dim=toyworld.TOY_TEXT_DIM,
-                       text_len=toyworld.TOY_TEXT_LEN, num_heads=2, num_layers=1, causal=causal)
+                       text_len=toyworld.TOY_TEXT_LEN, num_heads=2, num_layers=1, causal=causal,
+                       camera_dims=camera_dims)
 
 
-def tiny_random_model(seed, causal=True):
+def tiny_random_model(seed, causal=True, camera_dims=0):
     """A tiny model with every weight random (also the head, which Wan zero-initialises): the output and every
     gradient depend on the inputs from the first step."""
     torch.manual_seed(seed)
-    model = M.CausalWanModel(tiny_model_config(causal))
+    model = M.CausalWanModel(tiny_model_config(causal, camera_dims))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
 
 
-def tiny_checkpoint(out_dir, seed=0, causal=True, ema_seed=None, num_frames=None, stage="stage3_dmd"):
+def tiny_checkpoint(out_dir, seed=0, causal=True, ema_seed=None, num_frames=None, stage="stage3_dmd", camera_dims=0):
     """A tiny random model saved as one of our training checkpoints (toy text encoder and codec), optionally
     with different EMA weights (from `ema_seed`). Returns the checkpoint directory."""
-    model = tiny_random_model(seed, causal)
+    model = tiny_random_model(seed, causal, camera_dims)
     weights = {"model": model.state_dict()}
     if ema_seed is not None:
-        weights["ema"] = tiny_random_model(ema_seed, causal).state_dict()
+        weights["ema"] = tiny_random_model(ema_seed, causal, camera_dims).state_dict()
     run_config = dict(text_encoder="toy", codec="toy", num_frames=num_frames)
     return common.save_checkpoint(str(out_dir), 1, weights, {"step": 1},
                                   {"model_config": asdict(model.cfg), "run_config": run_config, "stage": stage})

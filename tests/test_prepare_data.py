@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import encoders
 import prepare_data as pd
 import toyworld as tw
@@ -107,3 +108,32 @@ def test_prepare_toy_shards_resume_and_atomicity(tmp_path):
     assert resumed["shards_reused"] == 2 and resumed["shards_written"] == 1
     assert pd.load_shard(pd.list_shards(out)[2])[0].shape[0] == 2
     assert not list(out.glob("*.tmp"))
+
+
+def test_prepare_videos_with_poses_stores_the_latent_frames_cameras(video_dir, tmp_path, tiny_vae_codec):
+    # one camera per video frame: translation x = frame index, so the stored rows say which frames were taken
+    def pose_file(name, frames):
+        world_to_camera = [[[1, 0, 0, float(f)], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]] for f in range(frames)]
+        K = [[48.0, 0.0, 24.0], [0.0, 40.0, 20.0], [0.0, 0.0, 1.0]]  # focal = size, principal point at the centre
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(world_to_camera=world_to_camera, intrinsics=K, width=48, height=40)))
+        return path.name
+    rows = [("ok0.mp4", "first", pose_file("ok0.json", 12)), ("ok1.mp4", "second", pose_file("ok1.json", 5))]
+    for video, _, _ in rows:  # the pose files live beside the videos
+        (tmp_path / video).write_bytes((video_dir / video).read_bytes())
+    (tmp_path / "captions.csv").write_text("video,caption,poses\n" + "".join(f"{v},{c},{p}\n" for v, c, p in rows))
+    entries = pd.read_captions(tmp_path / "captions.csv")
+    summary = pd.prepare_videos(entries, tmp_path, tmp_path / "shards", tiny_vae_codec, height=32, width=32,
+                                num_frames=9, shard_size=4)
+    assert summary["written"] == 1 and "poses cover 5 frames < 9" in summary["skipped"][0]["reason"]
+    data = common.LatentShards(tmp_path / "shards")
+    assert data.has_cameras()
+    world_to_camera, intrinsics = data.cameras(0)
+    assert world_to_camera[:, 0, 3].tolist() == [0.0, 4.0, 8.0]  # latent k <- video frame 4k
+    # 40x48 -> cover-resize to 32x38 -> crop 3 columns each side: fx 48·38/48 = 38 px of a 32-px-wide frame,
+    # fy 40·32/40 = 32 px of 32, principal point 24·38/48 − 3 = 16 and 20·32/40 = 16: the centre
+    expected = torch.tensor([[38 / 32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert torch.allclose(intrinsics, expected.expand(3, 3, 3), atol=1e-6)
+    (tmp_path / "mixed.csv").write_text("video,caption,poses\nok0.mp4,a,ok0.json\nok2.mp4,b,\n")
+    with pytest.raises(AssertionError, match="give every video its poses or none"):
+        pd.read_captions(tmp_path / "mixed.csv")

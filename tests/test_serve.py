@@ -355,3 +355,84 @@ def test_browser_stream_fps_prompt_switch_and_bad_prompt(server, tmp_path):
     assert (tmp_path / "serve.png").stat().st_size > 10_000
     if os.environ.get("SERVE_SCREENSHOT"):  # `make screenshot` refreshes docs/serve.png from this test
         shutil.copy(tmp_path / "serve.png", os.environ["SERVE_SCREENSHOT"])
+
+
+# ---- world-model mode (a camera-conditioned checkpoint: arrow keys / WASD pan the camera) ----
+
+
+@pytest.fixture(scope="module")
+def camera_server(tmp_path_factory):
+    from helpers import tiny_checkpoint
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("camera") / "run", seed=0, num_frames=12, camera_dims=8)
+    s = Server("--ckpt", ckpt, "--max_fps", "60")
+    yield s
+    s.stop()
+
+
+def camera_corners(messages):
+    return {m["frame"]: tuple(m["corner"]) for m in messages if m["type"] == "camera"}
+
+
+def test_camera_mode_moves_every_frame_by_the_commanded_pan(camera_server):
+    import aiohttp
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await idle(session, camera_server)
+            async with session.ws_connect(camera_server.ws_url) as ws:
+                hello = await ws.receive_json()
+                assert hello["camera"] is True and hello["max_pan"] == toyworld.CAMERA_MAX_PAN
+                assert "world-model mode" in hello["model"]
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
+                messages = []
+                await receive(ws, 3, messages)
+                await ws.send_json(dict(type="control", pan=[2, -1]))
+                frames = await receive(ws, 12, messages)
+                await ws.send_json(dict(type="control", pan=[3, 0]))  # beyond what the model was trained on
+                await ws.send_json(dict(type="control", pan="left"))
+                await receive(ws, 3, messages)
+                running = await stats(session, camera_server)
+        corners = camera_corners(messages)
+        assert corners[0] == (0, 0) and sorted(corners) == list(range(len(corners)))
+        moves = [(corners[f][0] - corners[f - 1][0], corners[f][1] - corners[f - 1][1]) for f in range(1, len(corners))]
+        assert set(moves) <= {(0, 0), (2, -1)}
+        first = moves.index((2, -1))  # the pan applies from the next frame on and stays until changed
+        assert moves[first:] == [(2, -1)] * (len(moves) - first) and first <= 4
+        assert all(h[0] in corners for h, _ in frames)  # every frame has its camera, sent before it
+        errors = [m["message"] for m in messages if m["type"] == "error"]
+        assert len(errors) == 2 and all("pan must be two whole numbers" in e for e in errors)
+        assert running["streams"][0]["camera"] == list(corners[max(corners)])
+
+    run(scenario())
+
+
+def test_browser_arrow_keys_and_wasd_pan_the_camera(camera_server):
+    browser_path = browser_or_skip()
+    from playwright.sync_api import sync_playwright
+    run(wait_idle(camera_server))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(camera_server.url)
+            page.wait_for_function("window.demo && window.demo.state === 'ready' && window.demo.maxPan", timeout=30_000)
+            page.click("#start")
+            page.wait_for_function("window.demo.frames >= 3", timeout=30_000)
+            page.locator("body").click(position=dict(x=5, y=5))  # focus leaves the prompt box
+            page.keyboard.down("ArrowRight")
+            page.wait_for_function("window.demo.camera && window.demo.camera[0] >= 10", timeout=30_000)
+            page.keyboard.up("ArrowRight")
+            page.keyboard.down("w")
+            page.wait_for_function("window.demo.camera[1] <= -10", timeout=30_000)
+            page.keyboard.up("w")
+            page.wait_for_function("String(window.demo.pan) === '0,0'", timeout=30_000)
+            messages = page.evaluate("demo.messages")
+            shown = page.inner_text("#camera")
+        finally:
+            browser.close()
+    corners = camera_corners(messages)
+    moves = {(corners[f][0] - corners[f - 1][0], corners[f][1] - corners[f - 1][1]) for f in range(1, max(corners) + 1)}
+    assert moves <= {(0, 0), (2, 0), (0, -2)} and {(2, 0), (0, -2)} <= moves  # right, then up (W), at 2 px/frame
+    assert shown.replace(" ", "") != "-"
+    errors = [m for m in messages if m["type"] == "error"]
+    assert not errors, errors

@@ -137,8 +137,8 @@ def test_dmd_gradient_is_normalised_per_sample():
 
 def test_real_score_is_standard_cfg_with_weight_four():
     class Stub:
-        def __call__(self, x, t, context, causal=None):
-            assert causal is False  # the real score is bidirectional
+        def __call__(self, x, t, context, causal=None, cameras=None):
+            assert causal is False and cameras is None  # the real score is bidirectional; a text-only run
             return torch.stack([torch.full_like(x[0], float(c[0, 0])) for c in context])  # v = context value
     x_t = torch.full((1, 1, 1, 1, 1), 0.5)
     t = torch.full((1, 1), 500.0)
@@ -149,7 +149,7 @@ def test_real_score_is_standard_cfg_with_weight_four():
 
 def test_critic_loss_by_hand():
     class Stub:
-        def __call__(self, x_t, t, context, causal=None):
+        def __call__(self, x_t, t, context, causal=None, cameras=None):
             assert causal is False
             self.x_t, self.t = x_t, t
             return torch.full_like(x_t, 0.5)
