@@ -359,18 +359,23 @@ def ablation(args):
 # command line
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("score", help="ToyBench of one checkpoint on the held-out prompts",
-                       description="ToyBench of one checkpoint on the 23 held-out prompts; the checkpoint decides "
-                       "how it is sampled unless --steps / --sample_steps say otherwise.")
+def add_checkpoint_arguments(p):
+    """The checkpoint to score and how to sample it (by default as the checkpoint says: sample.choose_sampling)."""
     p.add_argument("--ckpt", required=True, help="checkpoint or run directory (its latest checkpoint)")
     p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
     p.add_argument("--steps", type=int, choices=sorted(sample.FEW_STEP_LISTS),
                    help="few-step rollout, steps per frame (students: default 2)")
     p.add_argument("--sample_steps", type=int, help="multi-step Euler with CFG (Stage 1 and the base: default 40)")
     p.add_argument("--cfg", type=float, default=sample.Sampling.cfg, help="CFG weight of multi-step sampling")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("score", help="ToyBench of one checkpoint on the held-out prompts",
+                       description="ToyBench of one checkpoint on the 23 held-out prompts; the checkpoint decides "
+                       "how it is sampled unless --steps / --sample_steps say otherwise.")
+    add_checkpoint_arguments(p)
     p.add_argument("--samples", type=int, default=2, help="videos per held-out prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="row name in the table")
@@ -387,12 +392,7 @@ def parse_args(argv=None):
     p = sub.add_parser("camera", help="the camera world: action following, revisit consistency, objects",
                        description="A camera-conditioned checkpoint on the held-out prompts under still, random and "
                        "there-and-back camera paths: pan error (px/frame), revisit consistency, ToyBench semantic.")
-    p.add_argument("--ckpt", required=True, help="checkpoint or run directory of a camera-conditioned model")
-    p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
-    p.add_argument("--steps", type=int, choices=sorted(sample.FEW_STEP_LISTS),
-                   help="few-step rollout, steps per frame (students: default 2)")
-    p.add_argument("--sample_steps", type=int, help="multi-step Euler with CFG (Stage 1 and the base: default 40)")
-    p.add_argument("--cfg", type=float, default=sample.Sampling.cfg, help="CFG weight of multi-step sampling")
+    add_checkpoint_arguments(p)
     p.add_argument("--samples", type=int, default=2, help="camera paths per held-out prompt and kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="row name in the table")

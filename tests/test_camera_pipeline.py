@@ -136,3 +136,25 @@ def test_camera_channels_can_be_added_to_a_plain_base_and_mismatches_are_one_lin
         generator=str(root / "added"), generator_use_ema=False, real_score=plain_base, fake_score=plain_base,
         prompts=str(root / "camera"), num_frames=12, latent_height=16, latent_width=16, out_dir=root / "w"))
     assert "must all take cameras or none" in message
+
+
+# ---- toy_eval.py camera ----
+
+
+def test_toy_eval_camera_scores_the_ground_truth_perfectly_and_a_frozen_clip_by_its_pans(tmp_path):
+    import toy_eval
+    import toyworld as tw
+    items = [item for item in tw.camera_eval_set(1) if item["prompt"] in tw.heldout_prompts()[:4]]
+    truth = torch.stack([tw.render_camera_clip(i["prompt"], i["seed"], pans=i["pans"])["video"] for i in items])
+    row = toy_eval.camera_rows(truth, items)
+    assert row["pan_error"] == 0.0 and row["semantic"] == 1.0 and row["revisit"] > 0.8
+    frozen = truth[:, :1].expand_as(truth)  # ignores the camera: off by the commanded pan, every frame
+    moving = [i for i, item in enumerate(items) if item["kind"] != "still"]
+    expected = sum(sum((dx * dx + dy * dy) ** 0.5 for dx, dy in items[i]["pans"]) / 11 for i in moving) / len(moving)
+    assert toy_eval.camera_rows(frozen, items)["pan_error"] == pytest.approx(expected, rel=1e-5)
+    ckpt = tiny_checkpoint(tmp_path / "camera", seed=0, num_frames=12, camera_dims=8)
+    rows = toy_eval.main(["camera", "--ckpt", ckpt, "--steps", "1", "--samples", "1", "--json", str(tmp_path / "c.json")])
+    assert list(rows)[0] == "ground truth" and len(rows) == 2
+    plain = tiny_checkpoint(tmp_path / "plain", seed=0, num_frames=12)
+    with pytest.raises(SystemExit, match="takes no cameras"):
+        toy_eval.main(["camera", "--ckpt", plain, "--steps", "1", "--samples", "1"])
