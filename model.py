@@ -295,6 +295,16 @@ def camera_projections(world_to_camera, intrinsics):
     return lift @ T, T_inverse @ lift_inverse
 
 
+def cameras_for_frames(cameras, start, count):
+    """The (world_to_camera, intrinsics) of frames start..start+count-1 of a clip's cameras; None stays None."""
+    return None if cameras is None else tuple(c[:, start:start + count] for c in cameras)
+
+
+def cameras_twice(cameras):
+    """The cameras of a batch repeated for its CFG twin [cond ‖ uncond]; None stays None."""
+    return None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
+
+
 def camera_channels(head_dim, camera_dims):
     """The slice of a head's channels PRoPE transforms: the last camera_dims of the frame-axis RoPE block."""
     frame_dims = rope_axis_dims(head_dim)[0]
@@ -967,8 +977,8 @@ class Rollout:
     def _velocity(self, x, t_value, start, cameras=None):
         x_in = torch.cat([x, x]) if self.use_cfg else x
         t = torch.full((self.run_batch, x.shape[1]), float(t_value), device=x.device)
-        if cameras is not None and self.use_cfg:  # the unconditional half sees the same cameras
-            cameras = tuple(torch.cat([c, c]) for c in cameras)
+        if self.use_cfg:  # the unconditional half sees the same cameras
+            cameras = cameras_twice(cameras)
         v = self.model(x_in, t, self.run_context, cache=self.cache, start_frame=start, cameras=cameras)
         if self.use_cfg:
             v = guided(*v.chunk(2), self.guidance_scale)
@@ -984,7 +994,7 @@ class Rollout:
         for i in range(x0.shape[1]):
             self.visible[start + i] = x0[:, i:i + 1]
             if cameras is not None:
-                self.visible_cameras[start + i] = tuple(c[:, i:i + 1] for c in cameras)
+                self.visible_cameras[start + i] = cameras_for_frames(cameras, i, 1)
         if self.cache.rolling:
             kept = set(self.cache.slot_frames)
             self.visible = {f: x for f, x in self.visible.items() if f in kept}
@@ -996,8 +1006,7 @@ class Rollout:
         (I2V prefix)."""
         assert x0.shape[1] % self.K == 0, f"{x0.shape[1]} frames are not a whole number of {self.K}-frame blocks"
         for p in range(0, x0.shape[1], self.K):
-            block_cameras = None if cameras is None else tuple(c[:, p:p + self.K] for c in cameras)
-            self._context_pass(x0[:, p:p + self.K], self.frame, block_cameras)
+            self._context_pass(x0[:, p:p + self.K], self.frame, cameras_for_frames(cameras, p, self.K))
             self.frame += self.K
 
     @torch.no_grad()
@@ -1074,9 +1083,8 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
         assert cameras[0].shape[:2] == (B, prefix_frames + num_frames), \
             f"cameras must cover the {prefix_frames} prefix and {num_frames} generated frames, got " \
             f"{tuple(cameras[0].shape)}"
-    frame_cameras = lambda f0, n: None if cameras is None else tuple(c[:, f0:f0 + n] for c in cameras)
     if prefix is not None:  # clean prefix (I2V) into the cache
-        rollout.write_context(prefix.to(noise.dtype), frame_cameras(0, prefix_frames))
+        rollout.write_context(prefix.to(noise.dtype), cameras_for_frames(cameras, 0, prefix_frames))
     outputs = []
     for block, f0 in enumerate(range(0, num_frames, K)):
         start = rollout.frame
@@ -1084,7 +1092,7 @@ def generate(model, noise, context, *, steps, first_block_steps=None, sampler="r
             before_block(rollout, start)
         x0 = rollout.step(noise[:, f0:f0 + K],
                           context_frames=teacher_context[:, f0:f0 + K] if teacher_context is not None else None,
-                          cameras=frame_cameras(prefix_frames + f0, K))
+                          cameras=cameras_for_frames(cameras, prefix_frames + f0, K))
         outputs.append(x0)
         if on_block is not None:
             on_block(block, start, x0)
@@ -1099,7 +1107,7 @@ def generate_bidirectional(model, noise, context, *, steps, uncond_context=None,
     use_cfg = guidance_scale != 1.0
     assert not use_cfg or uncond_context is not None, "guidance_scale != 1 needs uncond_context"
     B, num_frames = noise.shape[:2]
-    both_cameras = None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
+    both_cameras = cameras_twice(cameras)
     x = noise
     for i, t_value in enumerate(steps):
         t = torch.full((2 * B if use_cfg else B, num_frames), float(t_value), device=noise.device)

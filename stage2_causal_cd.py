@@ -119,9 +119,8 @@ def teacher_euler_step(teacher, x_t, t, t_next, x_gt, context, uncond_context, g
         x̂_{t'} = x_t − (σ_t − σ_{t'})·v
     x_t, x_gt [B, F, C, H, W]; t, t_next [B, F]; cond and uncond run as one batch of 2B. cameras: None or the
     frames' (world_to_camera, intrinsics) for a camera-conditioned teacher (§3.3), the same for both halves."""
-    both = None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
     v_cond, v_uncond = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, uncond_context]),
-                               clean_x=torch.cat([x_gt, x_gt]), cameras=both).float().chunk(2)
+                               clean_x=torch.cat([x_gt, x_gt]), cameras=M.cameras_twice(cameras)).float().chunk(2)
     v = M.guided(v_cond, v_uncond, guidance_scale)
     step = M.sigma_of(t, x_t) - M.sigma_of(t_next, x_t)  # σ_t − σ_{t'} [B, F, 1, 1, 1], exact fp32
     return (x_t.float() - step * v).to(x_t.dtype)

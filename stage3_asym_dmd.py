@@ -143,11 +143,10 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
     cache = M.KVCache(cfg, B, num_frames, model.tokens_per_frame(H, W), noise.device,
                       cache_dtype or next(model.parameters()).dtype)
 
-    block_cameras = lambda f0: None if cameras is None else tuple(c[:, f0:f0 + K] for c in cameras)
-
     def x0_prediction(x, t_value, f0):
         t = torch.full((B, K), float(t_value), device=x.device)
-        return M.x0_from_v(x, model(x, t, context, cache=cache, start_frame=f0, cameras=block_cameras(f0)), t)
+        return M.x0_from_v(x, model(x, t, context, cache=cache, start_frame=f0,
+                                    cameras=M.cameras_for_frames(cameras, f0, K)), t)
 
     outputs = []
     for block, f0 in enumerate(range(0, num_frames, K)):
@@ -164,7 +163,7 @@ def self_rollout(model, noise, context, steps, first_block_steps, exit_first, ex
             if context_t > 0:
                 x_context = M.add_noise(x_context, randn_like(x_context, generator), context_t)
             model(x_context, torch.full((B, K), float(context_t), device=x0.device), context, cache=cache,
-                  start_frame=f0, cameras=block_cameras(f0))
+                  start_frame=f0, cameras=M.cameras_for_frames(cameras, f0, K))
     return torch.cat(outputs, dim=1)  # [B, F, C, H, W]
 
 
@@ -183,9 +182,8 @@ def sample_dmd_timesteps(generators, shift, min_t, max_t):
 def real_score_x0(real_score, x_t, t, context, uncond_context, guidance_scale, cameras=None):
     """x0 of the frozen bidirectional teacher with CFG u + w(c − u) (on v, hence on x0: the weights sum to 1).
     x_t [B, F, C, H, W]; t [B, F]; cameras: None or the frames' cameras, the same for both halves."""
-    both = None if cameras is None else tuple(torch.cat([c, c]) for c in cameras)
     v_cond, v_uncond = real_score(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, uncond_context]),
-                                  causal=False, cameras=both).float().chunk(2)
+                                  causal=False, cameras=M.cameras_twice(cameras)).float().chunk(2)
     return M.x0_from_v(x_t.float(), M.guided(v_cond, v_uncond, guidance_scale), t)
 
 
@@ -279,10 +277,10 @@ def main(cfg):
         raise common.ConfigError(f"generator, real and fake score must all take cameras or none: {camera_models}")
     camera_data = None
     if use_cameras:  # the rollouts run under the cameras of the shards the prompts come from
-        if not (os.path.isdir(cfg.prompts) and common.LatentShards(cfg.prompts).has_cameras()):
+        camera_data = common.LatentShards(cfg.prompts) if os.path.isdir(cfg.prompts) else None
+        if camera_data is None or not camera_data.has_cameras():
             raise common.ConfigError(f"a camera-conditioned generator needs prompts from a shard directory with "
                                      f"cameras (prepare_data.py --toy N --world camera); {cfg.prompts} has none")
-        camera_data = common.LatentShards(cfg.prompts)
         assert camera_data.cameras(0)[0].shape[0] == cfg.num_frames, \
             f"the shards' cameras cover {camera_data.cameras(0)[0].shape[0]} frames, the rollout {cfg.num_frames}"
     order = common.DataOrder(len(prompts), cfg.seed)
