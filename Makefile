@@ -11,6 +11,7 @@
 # make world-model — the action-conditioned world model (paper §3.3, docs/world_model.md) on the toy camera
 #             world: camera base -> Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step), then its evaluation
 #             (re-running continues finished/stopped runs)
+# make world-model-chunkwise — then the paper's own chunk-wise 4-step world model from the same base
 ABLATION_STEPS ?= 1 2 4
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -18,7 +19,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
                 --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
 
-.PHONY: setup test demo serve browser toy ablation world-model clean
+.PHONY: setup test demo serve browser toy ablation world-model world-model-chunkwise clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -60,6 +61,12 @@ world-model: $(VENV)/.installed
 	$(PYTHON) stage2_causal_cd.py --config configs/toy/camera_cd.yaml --resume=true
 	$(PYTHON) stage3_asym_dmd.py --config configs/toy/camera_dmd_2step.yaml --resume=true
 	$(PYTHON) toy_eval.py camera --ckpt runs/toy/camera_dmd_2step --use_ema --samples 2
+
+world-model-chunkwise: world-model
+	$(PYTHON) stage1_teacher_forcing.py --config configs/toy/camera_tf.yaml --config configs/toy/camera_tf_chunkwise.yaml --resume=true
+	$(PYTHON) stage2_causal_cd.py --config configs/toy/camera_cd.yaml --config configs/toy/camera_cd_chunkwise.yaml --resume=true
+	$(PYTHON) stage3_asym_dmd.py --config configs/toy/camera_dmd_2step.yaml --config configs/toy/camera_dmd_chunkwise.yaml --resume=true
+	$(PYTHON) toy_eval.py camera --ckpt runs/toy/camera_dmd_chunkwise --use_ema --steps 4 --samples 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -337,14 +337,19 @@ def bench_stream(args):
     """Per-frame latency against the frame index (flat with the rolling cache) and RSS over a long stream,
     in process: Stream.step() = noise + denoising steps + context pass + decode of one frame."""
     import serve
-    engine = _engine(args)
+    engine = _engine(args, use_ema=args.use_ema)
+    controls = None
+    if args.pan:
+        if not engine.camera:
+            raise SystemExit(f"bench.py stream: error: --pan needs a camera-conditioned checkpoint; {args.ckpt} takes no cameras")
+        controls = {"pan": list(args.pan)}
     stream = engine.new_stream(engine.encode(args.prompt), seed=0)
     latencies, cpu, rss = [], [], {}
     checkpoints = sorted({10, 100, 1000, args.frames // 2, args.frames})
     start = time.perf_counter()
     for f in range(1, args.frames + 1):
         t0, c0 = time.perf_counter(), time.process_time()
-        stream.step()
+        stream.step(controls)
         latencies.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         if f in checkpoints:
@@ -356,14 +361,14 @@ def bench_stream(args):
     # so both see the same machine; their median latencies differ only by what the frame index costs
     early, late = engine.new_stream(engine.encode(args.prompt), 1), engine.new_stream(engine.encode(args.prompt), 2)
     for _ in range(19):
-        early.step()
+        early.step(controls)
     for _ in range(999):
-        late.step()
+        late.step(controls)
     paired = {"20": [], "1000": []}
     for _ in range(args.paired):
         for name, s_ in (("20", early), ("1000", late)):
             t0 = time.perf_counter()
-            s_.step()
+            s_.step(controls)
             paired[name].append(time.perf_counter() - t0)
 
     def around(f, half=args.half_window):  # median over frames f-half..f+half (index 1 = first frame)
@@ -373,7 +378,7 @@ def bench_stream(args):
     def around_cpu(f, half=args.half_window):
         return 1000 * _median(cpu[max(1, f - half) - 1:f + half])
 
-    result = dict(ckpt=args.ckpt, frames=args.frames, threads=torch.get_num_threads(), first_frame_ms=first_ms,
+    result = dict(ckpt=args.ckpt, pan=args.pan, frames=args.frames, threads=torch.get_num_threads(), first_frame_ms=first_ms,
                   median_ms={f: around(f) for f in marks}, median_cpu_ms={f: around_cpu(f) for f in marks},
                   paired_median_ms={k: 1000 * _median(v) for k, v in paired.items()},
                   frames_per_second=args.frames / total, rss_mib={f: v / 2 ** 20 for f, v in rss.items()},
@@ -393,6 +398,20 @@ def bench_stream(args):
     result["paired_1000_over_20"] = p1000 / p20
     print(f"paired (two streams stepped alternately, {args.paired} steps each): frame 20 {p20:.2f} ms, frame 1000 "
           f"{p1000:.2f} ms, ratio {p1000 / p20:.3f}")
+    if args.pan:  # the world model's own cost: the same model and frame index, with and without cameras (A/B)
+        with_cameras, without = engine.new_stream(engine.encode(args.prompt), 3), engine.new_stream(engine.encode(args.prompt), 4)
+        without.camera = False
+        times = {"with cameras": [], "without cameras": []}
+        for f in range(20 + args.paired):
+            for name, s_ in (("with cameras", with_cameras), ("without cameras", without)):
+                t0 = time.perf_counter()
+                s_.step(controls)
+                if f >= 20:
+                    times[name].append(time.perf_counter() - t0)
+        result["camera_ab_median_ms"] = {k: 1000 * _median(v) for k, v in times.items()}
+        a, b = result["camera_ab_median_ms"]["with cameras"], result["camera_ab_median_ms"]["without cameras"]
+        print(f"cameras' cost (same model, frames 20-{19 + args.paired}, stepped alternately): {a:.2f} ms with, "
+              f"{b:.2f} ms without, +{a - b:.2f} ms per frame")
     print("RSS (MiB) after frame: " + ", ".join(f"{f}: {v:.1f}" for f, v in result["rss_mib"].items()))
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
@@ -531,6 +550,9 @@ if __name__ == "__main__":
     p.add_argument("--frames", type=int, default=1200)
     p.add_argument("--half_window", type=int, default=10, help="median over frame f +- this many frames")
     p.add_argument("--paired", type=int, default=60, help="alternating steps of the frame-20 / frame-1000 streams")
+    p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
+    p.add_argument("--pan", type=int, nargs=2, metavar=("DX", "DY"),
+                   help="world-model mode: the camera pans this many px per frame the whole time")
     p.add_argument("--json", default="bench_stream.json")
     p = sub.add_parser("page", help="live stream: frames/s and first-frame latency measured by the page (Chromium)")
     p.add_argument("--ckpt", default="checkpoints/toy/dmd_2step")

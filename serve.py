@@ -225,6 +225,7 @@ class Stream:
         self.pixel_frames = 0  # pixel frames decoded so far (= latent frames for the toy codec)
         self.corner = (0, 0)  # world-model mode: the view's top-left corner (scene pixels) of the last frame
         self.corners = []  # ... and of the frames of the last block
+        self.camera = engine.camera  # pass cameras to the model (bench.py stream turns it off to time their cost)
 
     @property
     def latent_frame(self):
@@ -244,7 +245,7 @@ class Stream:
         noise = torch.randn((1, K, *engine.latent_shape), generator=self.generator, device=engine.device)  # fp32,
         # as sample.py: the latents stay fp32 between steps, only the model computes in bf16 on a GPU
         cameras = None
-        if engine.camera:
+        if self.camera:
             import toyworld
             dx, dy = engine.read_pan(controls or {})
             self.corners = []

@@ -164,10 +164,11 @@ def camera_checkpoint(args):
             args.name or f"{info['path']} ({how.describe()})": camera_rows(videos, items)}
     print(format_camera_table(rows))
     print(f"{len(items)} videos (23 held-out prompts x {args.samples} x still/pan/revisit cameras) in {seconds:.1f} s")
-    if args.png:
-        pick = [i for i, item in enumerate(items) if item["kind"] != "still"][:8]
-        common.save_png_grid(videos[pick], args.png, scale=2)
-        print(f"wrote {args.png}")
+    if args.png:  # steered rollouts: each commanded camera path as the ground truth shows it, then as generated
+        pick = [i for i, item in enumerate(items) if item["kind"] != "still"][:4]
+        pairs = [video for i in pick for video in (truth[i]["video"], videos[i].cpu())]
+        common.save_png_grid(torch.stack(pairs), args.png, scale=2)
+        print(f"wrote {args.png}: rows = ground truth, generated, for the first {len(pick)} pan/revisit paths")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": info["path"], "sampling": how.describe(), "seconds": seconds, "rows": rows}, f,
@@ -396,7 +397,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=2, help="camera paths per held-out prompt and kind")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="row name in the table")
-    p.add_argument("--png", help="write a strip of the first 8 panning videos")
+    p.add_argument("--png", help="write a strip of the first 4 camera paths: ground truth over generated")
     p.add_argument("--json", help="write the rows to this file")
     p = sub.add_parser("oracle", help="the oracle gap of a bidirectional model: its loss over the exact denoiser's",
                        description="Loss per σ of a bidirectional toy model with the true and the direction-flipped "

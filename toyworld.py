@@ -247,7 +247,7 @@ CAMERA_WORLD_SIZE = 64     # the scene torus, in pixels
 CAMERA_MAX_PAN = 2         # px per frame on each axis
 PAN_CHANGE = 0.2           # per-frame probability that the pan changes (by one px/frame on one axis)
 LANDMARK_CELL = 16         # one landmark per 16x16 cell of the scene: 16 landmarks, 4 cells per view
-LANDMARK_SIZE = 2          # grey 2x2 squares
+LANDMARK_SIZE = 6          # grey 6x6 squares: 14% of the scene, enough for the loss to care where they are
 LANDMARK_GREY = 0.5        # in [0, 1]; 0.0 in [-1, 1], exact in fp16
 CAMERA_MAX_POS = CAMERA_WORLD_SIZE - OBJECT_SIZE   # bounce reflects between y = 0 and y = CAMERA_MAX_POS
 

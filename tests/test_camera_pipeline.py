@@ -89,24 +89,29 @@ def camera_data(tmp_path_factory):
     return root
 
 
-def test_camera_pipeline_runs_end_to_end_and_logs_the_pan_error(camera_data):
-    root = camera_data
-    data = str(root / "camera")
+@pytest.mark.parametrize("frames_per_block", [1, 3], ids=["frame-wise 2-step", "chunk-wise 4-step"])
+def test_camera_pipeline_runs_end_to_end_and_logs_the_pan_error(camera_data, frames_per_block):
+    # frame-wise 2-step (beyond the paper) and the paper's own chunk-wise 4-step world model (§3.3)
+    root = camera_data / f"blocks_of_{frames_per_block}"
+    data = str(camera_data / "camera")
     base = tiny_checkpoint(root / "base", seed=0, causal=False, stage="stage1", camera_dims=8)
+    steps, first_block = ("[1000,500]", "[1000,750,500,250]") if frames_per_block == 1 else ("[1000,750,500,250]", "[]")
     run_script(REPO / "stage1_teacher_forcing.py", stage_args(
         model_preset="toy", init_from=base, causal=False, data_dir=data, out_dir=root / "base_run", sample_steps=2))
     run_script(REPO / "stage1_teacher_forcing.py", stage_args(
-        init_from=base, causal=True, data_dir=data, out_dir=root / "tf", sample_steps=2))
+        init_from=base, causal=True, frames_per_block=frames_per_block, data_dir=data, out_dir=root / "tf",
+        sample_steps=2))
     run_script(REPO / "stage2_causal_cd.py", stage_args(teacher=str(root / "tf"), data_dir=data, out_dir=root / "cd"))
     run_script(REPO / "stage3_asym_dmd.py", stage_args(
         generator=str(root / "cd"), real_score=base, fake_score=base, prompts=data, num_frames=12, latent_height=16,
-        latent_width=16, denoising_steps="[1000,500]", out_dir=root / "dmd"))
+        latent_width=16, denoising_steps=steps, first_block_steps=first_block, out_dir=root / "dmd"))
     for run in ("base_run", "tf", "cd", "dmd"):
         rows = [r for r in read_metrics(root / run) if "toybench/pan_error" in r]
         assert rows and 0 <= rows[-1]["toybench/pan_error"] < 10, run
         assert os.path.exists(root / run / "samples_0000001.png")
         config = M.config_from_checkpoint(str(root / run / "step_0000001"))
         assert config.camera_dims == 8, run
+        assert config.frames_per_block == (1 if run == "base_run" else frames_per_block), run
 
 
 def test_camera_channels_can_be_added_to_a_plain_base_and_mismatches_are_one_line_errors(camera_data):
@@ -153,8 +158,17 @@ def test_toy_eval_camera_scores_the_ground_truth_perfectly_and_a_frozen_clip_by_
     expected = sum(sum((dx * dx + dy * dy) ** 0.5 for dx, dy in items[i]["pans"]) / 11 for i in moving) / len(moving)
     assert toy_eval.camera_rows(frozen, items)["pan_error"] == pytest.approx(expected, rel=1e-5)
     ckpt = tiny_checkpoint(tmp_path / "camera", seed=0, num_frames=12, camera_dims=8)
-    rows = toy_eval.main(["camera", "--ckpt", ckpt, "--steps", "1", "--samples", "1", "--json", str(tmp_path / "c.json")])
+    png = str(tmp_path / "steered.png")
+    rows = toy_eval.main(["camera", "--ckpt", ckpt, "--steps", "1", "--samples", "1", "--json", str(tmp_path / "c.json"),
+                          "--png", png])
     assert list(rows)[0] == "ground truth" and len(rows) == 2
+    import imageio.v3 as iio
+    strip = torch.from_numpy(iio.imread(png))  # 4 paths x (ground truth, generated) rows, 12 frames, scale 2
+    assert strip.shape == (8 * 2 * tw.TOY_SIZE, 12 * 2 * tw.TOY_SIZE, 3)
+    first = items[[i for i, item in enumerate(items) if item["kind"] != "still"][0]]  # the first pan path
+    row = tw.render_camera_clip(first["prompt"], first["seed"], pans=first["pans"])["video"]  # [T, 3, H, W]
+    expected = ((row.permute(2, 0, 3, 1).reshape(tw.TOY_SIZE, -1, 3) + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(strip[:2 * tw.TOY_SIZE:2, ::2], expected)  # the top row is that path's ground truth
     plain = tiny_checkpoint(tmp_path / "plain", seed=0, num_frames=12)
     with pytest.raises(SystemExit, match="takes no cameras"):
         toy_eval.main(["camera", "--ckpt", plain, "--steps", "1", "--samples", "1"])
