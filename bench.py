@@ -6,7 +6,8 @@ Performance measurements. Numbers are printed as a table and written as JSON; no
   python bench.py stage3-memory --config configs/dmd_small.yaml        # Stage-3 memory estimate per GPU
   python bench.py stream --frames 1200                                  # live stream: latency vs frame index, RSS
   python bench.py page                                                  # frames/s as the browser page sees it
-  python bench.py page --ckpt runs/toy/camera_dmd_2step --use_ema --hold_key ArrowRight   # world-model mode, panning
+  python bench.py page --ckpt checkpoints/toy/camera_dmd_2step --hold_key ArrowRight --threads 1   # world model, panning
+  python bench.py stream --ckpt checkpoints/toy/camera_dmd_2step --pan 2 0       # ... in process, and the cameras' cost
   python bench.py prompt-switch                                         # cross-attention switch vs KV re-cache
 
 stage2 — the paper's efficiency claim (§3.2, Fig. 3(b): ~11,600 vs ~2,900 GPU hours, 1,900 GiB vs 0) on

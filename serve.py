@@ -7,7 +7,7 @@ be changed while the stream runs (paper title: "... for Real-Time Interactive Vi
   python serve.py --port 8080 --switch_mode cross_attn         # switch prompts by cross-attention only
   python serve.py --ckpt runs/dmd --wan_dir wan_models/Wan2.1-T2V-1.3B --device cuda    # Wan scale, one GPU
   python serve.py --host 0.0.0.0                               # reachable from other machines (no auth!)
-  python serve.py --ckpt runs/toy/camera_dmd_2step --use_ema   # world-model mode: arrow keys / WASD pan the camera
+  python serve.py --ckpt checkpoints/toy/camera_dmd_2step      # the shipped world model: arrow keys / WASD pan the camera
 
 Then open the printed URL. The server binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it cleanly.
 

@@ -160,7 +160,10 @@ def camera_checkpoint(args):
     start = time.time()
     videos = sample_toy(model, [item["prompt"] for item in items], seed=args.seed, how=how, cameras=cameras)
     seconds = time.time() - start
-    rows = {"ground truth": camera_rows(torch.stack([c["video"] for c in truth]), items),
+    truth_videos = torch.stack([c["video"] for c in truth])  # [N, T, 3, H, W]
+    rows = {"ground truth": camera_rows(truth_videos, items),
+            # the floor a model must beat: its first frame frozen, so the view never moves
+            "ground truth, camera ignored": camera_rows(truth_videos[:, :1].expand_as(truth_videos), items),
             args.name or f"{info['path']} ({how.describe()})": camera_rows(videos, items)}
     print(format_camera_table(rows))
     print(f"{len(items)} videos (23 held-out prompts x {args.samples} x still/pan/revisit cameras) in {seconds:.1f} s")

@@ -161,7 +161,7 @@ def test_toy_eval_camera_scores_the_ground_truth_perfectly_and_a_frozen_clip_by_
     png = str(tmp_path / "steered.png")
     rows = toy_eval.main(["camera", "--ckpt", ckpt, "--steps", "1", "--samples", "1", "--json", str(tmp_path / "c.json"),
                           "--png", png])
-    assert list(rows)[0] == "ground truth" and len(rows) == 2
+    assert list(rows)[:2] == ["ground truth", "ground truth, camera ignored"] and len(rows) == 3
     import imageio.v3 as iio
     strip = torch.from_numpy(iio.imread(png))  # 4 paths x (ground truth, generated) rows, 12 frames, scale 2
     assert strip.shape == (8 * 2 * tw.TOY_SIZE, 12 * 2 * tw.TOY_SIZE, 3)
