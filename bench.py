@@ -344,7 +344,8 @@ def bench_stream(args):
         if not engine.camera:
             raise SystemExit(f"bench.py stream: error: --pan needs a camera-conditioned checkpoint; {args.ckpt} takes no cameras")
         controls = {"pan": list(args.pan)}
-    stream = engine.new_stream(engine.encode(args.prompt), seed=0)
+    context = engine.encode(args.prompt)  # every stream below runs the same prompt
+    stream = engine.new_stream(context, seed=0)
     latencies, cpu, rss = [], [], {}
     checkpoints = sorted({10, 100, 1000, args.frames // 2, args.frames})
     start = time.perf_counter()
@@ -360,7 +361,7 @@ def bench_stream(args):
 
     # A/B against load from other processes: a stream at frame 20 and one at frame 1000, stepped alternately,
     # so both see the same machine; their median latencies differ only by what the frame index costs
-    early, late = engine.new_stream(engine.encode(args.prompt), 1), engine.new_stream(engine.encode(args.prompt), 2)
+    early, late = engine.new_stream(context, 1), engine.new_stream(context, 2)
     for _ in range(19):
         early.step(controls)
     for _ in range(999):
@@ -400,7 +401,7 @@ def bench_stream(args):
     print(f"paired (two streams stepped alternately, {args.paired} steps each): frame 20 {p20:.2f} ms, frame 1000 "
           f"{p1000:.2f} ms, ratio {p1000 / p20:.3f}")
     if args.pan:  # the world model's own cost: the same model and frame index, with and without cameras (A/B)
-        with_cameras, without = engine.new_stream(engine.encode(args.prompt), 3), engine.new_stream(engine.encode(args.prompt), 4)
+        with_cameras, without = engine.new_stream(context, 3), engine.new_stream(context, 4)
         without.camera = False
         times = {"with cameras": [], "without cameras": []}
         for f in range(20 + args.paired):
