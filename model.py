@@ -120,6 +120,7 @@ class WanConfig:
     frames_per_block: int = 1  # K: 1 = frame-wise, 3 = chunk-wise
     causal: bool = True        # default attention when forward() is called without clean_x/cache
     rope_max_positions: int = 1024  # RoPE tables cover positions 0..1023 on each axis, as in Wan
+    rope_theta: float = 10000.0  # RoPE base: pair k of an axis with D dims turns by theta^(-2k/D) per position (Wan)
     camera_dims: int = 0       # per head, the lowest-frequency frame-axis RoPE channels that carry PRoPE's
                                # camera transform when forward() gets cameras (multiple of 4; 0 = no cameras)
 
@@ -185,9 +186,11 @@ def rope_axis_dims(head_dim):
     return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
 
 
-def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, device=None, camera_dims=0):
+def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, device=None, camera_dims=0,
+                theta=10000.0):
     """Rotation angle of every (token, pair) for the grid (frames start_frame.., rows, cols).
-    Pair k of an axis with D real dims turns at position p by p·10000^(-2k/D). Returns [F·h·w, d/2] fp64.
+    Pair k of an axis with D real dims turns at position p by p·theta^(-2k/D) (theta = 10,000 in Wan).
+    Returns [F·h·w, d/2] fp64.
     camera_dims > 0: the last camera_dims/2 frame-axis pairs get angle 0 (no rotation): PRoPE's camera
     transform owns those channels (apply_camera)."""
     assert 0 <= start_frame and start_frame + num_frames <= max_positions, \
@@ -195,7 +198,7 @@ def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, d
     assert h <= max_positions and w <= max_positions, f"token grid {h}x{w} exceeds the RoPE range {max_positions}"
     parts = []
     for n_pos, offset, axis_dim in zip((num_frames, h, w), (start_frame, 0, 0), rope_axis_dims(head_dim)):
-        inv_freq = 10000.0 ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        inv_freq = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
         pos = torch.arange(offset, offset + n_pos, dtype=torch.float64, device=device)
         parts.append(pos[:, None] * inv_freq[None, :])  # [n_pos, axis_dim/2]
     f_part, h_part, w_part = parts
@@ -212,12 +215,13 @@ def rope_angles(head_dim, num_frames, h, w, start_frame=0, max_positions=1024, d
 _rope_tables = {}
 
 
-def rope_table(head_dim, num_frames, h, w, max_positions, device, camera_dims=0):
+def rope_table(head_dim, num_frames, h, w, max_positions, device, camera_dims=0, theta=10000.0):
     """(cos, sin) fp32 [num_frames·h·w, d/2] for frames 0..num_frames-1, memoised (the rolling cache rotates
     its visible keys with it on every call)."""
-    key = (head_dim, num_frames, h, w, str(device), camera_dims)
+    key = (head_dim, num_frames, h, w, str(device), camera_dims, theta)
     if key not in _rope_tables:
-        angles = rope_angles(head_dim, num_frames, h, w, 0, max_positions, device=device, camera_dims=camera_dims)
+        angles = rope_angles(head_dim, num_frames, h, w, 0, max_positions, device=device, camera_dims=camera_dims,
+                             theta=theta)
         _rope_tables[key] = (torch.cos(angles).float(), torch.sin(angles).float())
     return _rope_tables[key]
 
@@ -797,9 +801,9 @@ class CausalWanModel(nn.Module):
             position = cache.place(start_frame, num_frames, B)
             if cache.rolling:  # every visible key at its slot; the queries are the last num_frames slots
                 cache.key_rope = rope_table(cfg.head_dim, position + num_frames, H // ph, W // pw,
-                                            cfg.rope_max_positions, x.device, camera_dims)
+                                            cfg.rope_max_positions, x.device, camera_dims, cfg.rope_theta)
         angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, position, cfg.rope_max_positions,
-                             device=x.device, camera_dims=camera_dims)  # [F·S, d/2]
+                             device=x.device, camera_dims=camera_dims, theta=cfg.rope_theta)  # [F·S, d/2]
         if mode == "teacher_forcing":
             # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (as the official code does)
             clean_t = torch.zeros_like(t) if clean_t is None else clean_t
