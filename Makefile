@@ -19,7 +19,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
                 --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
 
-.PHONY: setup test demo serve browser toy ablation world-model world-model-chunkwise clean
+.PHONY: setup test demo serve browser toy ablation world-model world-model-chunkwise clean gpu-check
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -70,3 +70,7 @@ world-model-chunkwise: world-model
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# make gpu-check — the GPU checks on a CUDA machine (.ci/gpu_check): Wan-shape sampler and stream benches, pytest -m gpu
+gpu-check:
+	.ci/gpu_check

@@ -120,11 +120,15 @@ def bench_stage2(args):
 # -----------------------------------------------------------------------------
 # sampler: frame-wise / chunk-wise rollouts against the FLOP floor, and the KV cache against recomputation
 
-SAMPLER_PRESETS = {  # (model preset overrides, latent frames, latent h, w)
-    "toy": (dict(), 12, 16, 16),
+SAMPLER_PRESETS = {  # (model preset, overrides, latent frames, latent h, w, video frames per latent frame after the first)
+    "toy": ("toy", dict(), 12, 16, 16, 1),
     # a larger model that keeps 2 CPU cores busy with real GEMMs: 256 tokens per frame, 21 frames like Wan
-    "small": (dict(dim=384, ffn_dim=1536, num_heads=6, num_layers=6), 21, 32, 32),
+    "small": ("toy", dict(dim=384, ffn_dim=1536, num_heads=6, num_layers=6), 21, 32, 32, 1),
+    # Wan2.1-T2V-1.3B at 480x832: 21 latent frames of 60x104 (1,560 tokens) = 81 video frames (random weights)
+    "wan2.1-t2v-1.3b": ("wan2.1-t2v-1.3b", dict(), 21, 60, 104, 4),
 }
+SAMPLERS = (("frame-wise 1-step", 1, [1000]), ("frame-wise 2-step", 1, [1000, 500]),
+            ("frame-wise 4-step", 1, [1000, 750, 500, 250]), ("chunk-wise 4-step", 3, [1000, 750, 500, 250]))
 
 
 def call_flops(cfg, new_tokens, visible_tokens, text_tokens, text_kv=False):
@@ -139,109 +143,206 @@ def call_flops(cfg, new_tokens, visible_tokens, text_tokens, text_kv=False):
     return 2 * (cfg.num_layers * per_layer + n * patch * D + n * D * cfg.out_dim * 4)
 
 
-def gemm_rate(dim, ffn, tokens, dtype=torch.float32, repeats=20, trials=5):
+def gemm_rate(dim, ffn, tokens, dtype=torch.float32, repeats=20, trials=5, device="cpu"):
     """Peak FLOP/s of this machine on the model's dominant GEMM ([tokens, dim] x [dim, ffn]): the best of
-    `trials` timings, at the rollout's own token count and at 4,096 tokens, whichever is faster. A single timing
-    at the small frame-wise shape is noisy and low, which put rollouts above 100% of their 'floor'."""
+    `trials` timings, at the rollout's own token count and at 4,096 tokens (CUDA: 16,384), whichever is faster.
+    A single timing at the small frame-wise shape is noisy and low, which put rollouts above 100% of their
+    'floor'."""
     best = 0.0
-    for n in (tokens, 4096):
-        a, b = torch.randn(n, dim, dtype=dtype), torch.randn(dim, ffn, dtype=dtype)
+    for n in (tokens, 16384 if device == "cuda" else 4096):
+        a = torch.randn(n, dim, dtype=dtype, device=device)
+        b = torch.randn(dim, ffn, dtype=dtype, device=device)
         for _ in range(3):
             a @ b
         for _ in range(trials):
+            sync(device)
             start = time.perf_counter()
             for _ in range(repeats):
                 a @ b
+            sync(device)
             best = max(best, 2 * n * dim * ffn * repeats / (time.perf_counter() - start))
     return best
 
 
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def sampler_model(preset_name, K, device, layers=None):
+    """Random weights of a SAMPLER_PRESETS entry, frames_per_block K, in the dtype sample.py samples it in. The
+    weights are drawn on the device itself (a 1.3B model initialised on the CPU takes tens of seconds)."""
+    base, overrides, _, _, _, _ = SAMPLER_PRESETS[preset_name]
+    overrides = {**overrides, **({"num_layers": layers} if layers else {})}
+    torch.manual_seed(0)
+    cfg = M.WanConfig.from_preset(base, frames_per_block=K, causal=True, **overrides)
+    with torch.device(device):
+        model = M.CausalWanModel(cfg)
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # a fresh head predicts 0; make the latents move
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return model.to(dtype=dtype).eval()
+
+
+def time_rollout(model, how, noise, context, S, video_per_latent):
+    """One timed rollout -> dict(seconds, first_frame_s, calls, flops). Synchronises after every block, as a
+    stream that shows each frame must."""
+    cfg, device = model.cfg, noise.device
+    calls, flops, first = [0], [0.0], [None]
+
+    def count(module, inputs, kwargs, output):
+        n = inputs[0].shape[1] * S
+        calls[0] += 1
+        flops[0] += call_flops(cfg, n, kwargs.get("start_frame", 0) * S + n, cfg.text_len)
+
+    hook = model.register_forward_hook(count, with_kwargs=True)
+    sync(device)
+    start = time.perf_counter()
+
+    def on_block(block, start_frame, x0):
+        sync(device)
+        if first[0] is None:
+            first[0] = time.perf_counter() - start
+
+    latents = sample.sample_latents(model, how, noise, context, on_block=on_block,
+                                    generator=torch.Generator(device).manual_seed(0))
+    seconds = time.perf_counter() - start
+    hook.remove()
+    return dict(seconds=seconds, first_frame_s=first[0], calls=calls[0], flops=flops[0], latents=latents)
+
+
+SAMPLER_HEADER = (f"{'preset':17s}{'sampler':20s}{'path':7s}{'video fr':>9s}{'first ms':>10s}{'frames/s':>10s}"
+                  f"{'calls':>7s}{'TFLOP':>9s}{'GEMM TF/s':>11s}{'% floor':>9s}{'1st roll s':>11s}")
+
+
+def sampler_row_line(r):
+    return (f"{r['preset']:17s}{r['sampler']:20s}{r['path']:7s}{r['video_frames']:>9d}{r['first_frame_ms']:>10.1f}"
+            f"{r['video_frames_per_second']:>10.1f}{r['model_calls']:>7d}{r['gflops'] / 1e3:>9.3f}"
+            f"{r['gemm_tflops_per_s']:>11.2f}{100 * r['floor_fraction']:>8.1f}%{r['first_rollout_s']:>11.2f}")
+
+
 def bench_sampler(args):
+    """Rollouts of every sampler on each preset, the eager forward and the fast path (model.fast_path) timed
+    alternately, best of --repeats each; the fast path's first rollout (compilation, graph capture) apart. Each
+    row is printed and written to --json as soon as it is measured, so a run stopped early keeps what it did."""
     rows = []
+    device = args.device
+    print(f"Sampler ({device}, {torch.get_num_threads()} threads, batch 1, model calls include the context passes; "
+          f"best of {args.repeats}, paths timed alternately)\n{SAMPLER_HEADER}", flush=True)
     for preset_name in args.presets:
-        overrides, num_frames, h, w = SAMPLER_PRESETS[preset_name]
-        for label, K, step_list in (("frame-wise 1-step", 1, [1000]), ("frame-wise 2-step", 1, [1000, 500]),
-                                    ("frame-wise 4-step", 1, [1000, 750, 500, 250]),
-                                    ("chunk-wise 4-step", 3, [1000, 750, 500, 250])):
-            torch.manual_seed(0)
-            cfg = M.WanConfig.from_preset("toy", frames_per_block=K, causal=True, **overrides)
-            model = M.CausalWanModel(cfg).eval()
-            S = model.tokens_per_frame(h, w)
-            noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
-            context = torch.randn(1, cfg.text_len, cfg.text_dim)
+        _, _, num_frames, h, w, video_per_latent = SAMPLER_PRESETS[preset_name]
+        video_frames = 1 + video_per_latent * (num_frames - 1)
+        model = sampler_model(preset_name, 1, device, args.layers)
+        cfg = model.cfg
+        S = model.tokens_per_frame(h, w)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(1, num_frames, cfg.in_dim, h, w, generator=g).to(device)
+        context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device)
+        dtype = next(model.parameters()).dtype
+        for label, K, step_list in SAMPLERS:
+            if args.samplers and label not in args.samplers:
+                continue
+            cfg.frames_per_block = K  # the same weights, rolled out K frames per block
             how = sample.Sampling("few_step", steps=tuple(step_list),
                                   first_block_steps=tuple(sample.FIRST_BLOCK_STEPS) if K == 1 else None)
-            calls, flops, first_block = [0], [0.0], [None]
+            rate = gemm_rate(cfg.dim, cfg.ffn_dim, K * S, dtype=dtype, device=device)
+            paths = {"eager": dict(compile=False, cuda_graphs=False), "fast": {}}
+            timings, fast_description, warm_up = {p: [] for p in args.paths}, None, {}
+            for path in args.paths:  # warm-up: allocator and kernels; for the fast path compilation and capture
+                description = M.fast_path(model, **paths[path])
+                fast_description = description if path == "fast" else fast_description
+                start = time.perf_counter()
+                time_rollout(model, how, noise, context, S, video_per_latent)
+                warm_up[path] = time.perf_counter() - start
+                print(f"  ({label}, {path}: first rollout {warm_up[path]:.1f} s)", flush=True)
+            for _ in range(args.repeats):
+                for path in args.paths:
+                    M.fast_path(model, **paths[path])
+                    timings[path].append(time_rollout(model, how, noise, context, S, video_per_latent))
+            graphs = getattr(model, "graph_store", None)
+            difference = None  # the fast path's rollout against the eager one (same noise, same generator)
+            if "eager" in timings and "fast" in timings:
+                a, b = timings["fast"][-1]["latents"].float(), timings["eager"][-1]["latents"].float()
+                difference = ((a - b).abs().max() / b.abs().max()).item()
+            for path in args.paths:
+                best = min(timings[path], key=lambda r: r["seconds"])
+                rows.append(dict(preset=preset_name, sampler=label, path=path, device=device, dtype=str(dtype),
+                                 latent_frames=num_frames, video_frames=video_frames, tokens_per_frame=S,
+                                 first_frame_ms=1000 * best["first_frame_s"],
+                                 video_frames_per_second=video_frames / best["seconds"],
+                                 model_calls=best["calls"], gflops=best["flops"] / 1e9,
+                                 gemm_tflops_per_s=rate / 1e12, floor_fraction=best["flops"] / rate / best["seconds"],
+                                 first_rollout_s=warm_up[path], repeats=args.repeats,
+                                 how=fast_description if path == "fast" else "eager forward",
+                                 fast_vs_eager_rel_err=difference,
+                                 graphs_captured=graphs.captures if graphs and path == "fast" else None,
+                                 graph_replays=graphs.replays if graphs and path == "fast" else None,
+                                 graph_failures=graphs.failures if graphs and path == "fast" else None))
+                print(sampler_row_line(rows[-1]), flush=True)
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if args.kv_compare and device == "cpu":
+            rows.append(kv_cache_vs_recompute(preset_name))
 
-            def count(module, inputs, kwargs, output):
-                x = inputs[0]
-                start_frame = kwargs.get("start_frame", 0)
-                calls[0] += 1
-                n = x.shape[1] * S
-                flops[0] += call_flops(cfg, n, start_frame * S + n, cfg.text_len)
-
-            sample.sample_latents(model, how, noise[:, :K], context)  # warm-up (allocator, kernels)
-            hook = model.register_forward_hook(count, with_kwargs=True)
-            start = time.perf_counter()
-
-            def on_block(block, start_frame, x0):
-                if first_block[0] is None:
-                    first_block[0] = time.perf_counter() - start
-
-            sample.sample_latents(model, how, noise, context, on_block=on_block, generator=torch.Generator().manual_seed(0))
-            seconds = time.perf_counter() - start
-            hook.remove()
-            rate = gemm_rate(cfg.dim, cfg.ffn_dim, K * S)
-            rows.append(dict(preset=preset_name, sampler=label, frames=num_frames, tokens_per_frame=S,
-                             first_frame_ms=1000 * first_block[0], frames_per_second=num_frames / seconds,
-                             model_calls=calls[0], gflops=flops[0] / 1e9, gemm_gflops_per_s=rate / 1e9,
-                             floor_fraction=flops[0] / rate / seconds))
-        # the KV cache vs recomputing the whole prefix for every new frame (frame-wise 4-step, same model)
-        cfg = M.WanConfig.from_preset("toy", causal=True, **overrides)
-        model = M.CausalWanModel(cfg).eval()
-        noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
-        context = torch.randn(1, cfg.text_len, cfg.text_dim)
-        how = sample.Sampling("few_step", steps=tuple(sample.FEW_STEP_LISTS[4]), first_block_steps=None)
-        steps = M.warp_timesteps(how.steps)
-        start = time.perf_counter()
-        sample.sample_latents(model, how, noise, context, generator=torch.Generator().manual_seed(0))
-        cached = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            done = noise[:, :0]
-            for f in range(num_frames):  # no cache: every step re-runs the block-causal forward over all frames
-                x = noise[:, f:f + 1]
-                for i, t_value in enumerate(steps):
-                    clip = torch.cat([done, x], dim=1)
-                    t = torch.full((1, f + 1), float(t_value))
-                    t[:, :f] = 0.0
-                    v = model(clip, t, context, causal=True)[:, -1:]
-                    x0 = M.x0_from_v(x, v, t_value)
-                    x = M.add_noise(x0, torch.randn_like(x0), steps[i + 1]) if i + 1 < len(steps) else x0
-                done = torch.cat([done, x], dim=1)
-        recompute = time.perf_counter() - start
-        rows.append(dict(preset=preset_name, sampler="KV cache vs recompute (4-step)", frames=num_frames,
-                         cached_seconds=cached, recompute_seconds=recompute, speedup=recompute / cached))
-
-    print(f"\nSampler ({torch.get_num_threads()} threads, fp32, batch 1, model calls include the context passes)")
-    print(f"{'preset':8s}{'sampler':22s}{'frames':>7s}{'first ms':>10s}{'frames/s':>10s}{'calls':>7s}"
-          f"{'GFLOP':>9s}{'GEMM GF/s':>11s}{'% floor':>9s}")
+    print(f"\nSampler ({device}, {torch.get_num_threads()} threads, batch 1, best of {args.repeats})\n{SAMPLER_HEADER}")
     for r in rows:
-        if "speedup" in r:
-            continue
-        print(f"{r['preset']:8s}{r['sampler']:22s}{r['frames']:>7d}{r['first_frame_ms']:>10.1f}"
-              f"{r['frames_per_second']:>10.1f}{r['model_calls']:>7d}{r['gflops']:>9.2f}"
-              f"{r['gemm_gflops_per_s']:>11.1f}{100 * r['floor_fraction']:>8.0f}%")
+        if "speedup" not in r:
+            print(sampler_row_line(r))
     for preset_name in args.presets:
-        by = {r["sampler"]: r for r in rows if r["preset"] == preset_name}
-        fps = lambda k: by[f"frame-wise {k}-step"]["frames_per_second"]  # noqa: E731
-        kv = by["KV cache vs recompute (4-step)"]
-        print(f"{preset_name}: throughput 1-step/4-step {fps(1) / fps(4):.2f}x (goal >= 2.4), 2-step/4-step "
-              f"{fps(2) / fps(4):.2f}x (goal >= 1.62); KV cache {kv['speedup']:.1f}x faster than recomputing the "
-              f"prefix at {kv['frames']} frames ({kv['cached_seconds']:.2f} s vs {kv['recompute_seconds']:.2f} s; goal >= 5x)")
+        by = {(r["sampler"], r.get("path")): r for r in rows if r["preset"] == preset_name}
+        for path in args.paths:
+            fps = {k: by[(f"frame-wise {k}-step", path)]["video_frames_per_second"] for k in (1, 2, 4)
+                   if (f"frame-wise {k}-step", path) in by}
+            if 1 in fps and 2 in fps and 4 in fps:
+                print(f"{preset_name} {path}: 1-step/2-step {fps[1] / fps[2]:.2f}x, 2-step/4-step {fps[2] / fps[4]:.2f}x")
+        if "eager" in args.paths and "fast" in args.paths:
+            for label, _, _ in SAMPLERS:
+                if (label, "fast") in by:
+                    e, f = by[(label, "eager")], by[(label, "fast")]
+                    graphs = f"; {f['graphs_captured']} graphs captured, {f['graph_replays']} replays, " \
+                             f"{f['graph_failures']} calls not capturable" \
+                        if f["graphs_captured"] is not None else ""
+                    print(f"{preset_name} {label}: fast / eager {f['video_frames_per_second'] / e['video_frames_per_second']:.2f}x "
+                          f"({f['how']}); rollouts differ by {f['fast_vs_eager_rel_err']:.2e} (max abs / max){graphs}")
+        kv = by.get(("KV cache vs recompute (4-step)", None))
+        if kv:
+            print(f"{preset_name}: KV cache {kv['speedup']:.1f}x faster than recomputing the prefix at {kv['frames']} "
+                  f"frames ({kv['cached_seconds']:.2f} s vs {kv['recompute_seconds']:.2f} s)")
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=2)
     print(f"wrote {args.json}")
+
+
+def kv_cache_vs_recompute(preset_name):
+    """The KV cache against recomputing the whole prefix for every new frame (frame-wise 4-step, eager)."""
+    _, _, num_frames, h, w, _ = SAMPLER_PRESETS[preset_name]
+    model = sampler_model(preset_name, 1, "cpu")
+    cfg = model.cfg
+    noise = torch.randn(1, num_frames, cfg.in_dim, h, w)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim)
+    how = sample.Sampling("few_step", steps=tuple(sample.FEW_STEP_LISTS[4]), first_block_steps=None)
+    steps = M.warp_timesteps(how.steps)
+    start = time.perf_counter()
+    sample.sample_latents(model, how, noise, context, generator=torch.Generator().manual_seed(0))
+    cached = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        done = noise[:, :0]
+        for f in range(num_frames):  # no cache: every step re-runs the block-causal forward over all frames
+            x = noise[:, f:f + 1]
+            for i, t_value in enumerate(steps):
+                clip = torch.cat([done, x], dim=1)
+                t = torch.full((1, f + 1), float(t_value))
+                t[:, :f] = 0.0
+                v = model(clip, t, context, causal=True)[:, -1:]
+                x0 = M.x0_from_v(x, v, t_value)
+                x = M.add_noise(x0, torch.randn_like(x0), steps[i + 1]) if i + 1 < len(steps) else x0
+            done = torch.cat([done, x], dim=1)
+    recompute = time.perf_counter() - start
+    return dict(preset=preset_name, sampler="KV cache vs recompute (4-step)", frames=num_frames,
+                cached_seconds=cached, recompute_seconds=recompute, speedup=recompute / cached)
 
 
 # -----------------------------------------------------------------------------
@@ -337,6 +438,8 @@ def _median(values):
 def bench_stream(args):
     """Per-frame latency against the frame index (flat with the rolling cache) and RSS over a long stream,
     in process: Stream.step() = noise + denoising steps + context pass + decode of one frame."""
+    if args.preset:
+        return bench_stream_preset(args)
     import serve
     engine = _engine(args, use_ema=args.use_ema)
     controls = None
@@ -415,6 +518,69 @@ def bench_stream(args):
         print(f"cameras' cost (same model, frames 20-{19 + args.paired}, stepped alternately): {a:.2f} ms with, "
               f"{b:.2f} ms without, +{a - b:.2f} ms per frame")
     print("RSS (MiB) after frame: " + ", ".join(f"{f}: {v:.1f}" for f, v in result["rss_mib"].items()))
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+def bench_stream_preset(args):
+    """bench.py stream --preset NAME: the same measurement at a preset's shape with random weights and no codec
+    (Wan2.1-1.3B on a GPU): a rolling cache of the trained length (21 latent frames, 1 sink frame), 2 steps per
+    frame (4 for frame 0), a prompt switch (KV re-cache) at --switch_at; per-frame latency at frame 20 vs 1,000.
+    The eager forward is timed over the first --eager_frames frames only."""
+    device = args.device
+    _, _, num_frames, h, w, video_per_latent = SAMPLER_PRESETS[args.preset]
+    model = sampler_model(args.preset, 1, device, args.layers)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device) for _ in range(2)]
+    steps = M.warp_timesteps(sample.FEW_STEP_LISTS[2])
+    first = M.warp_timesteps(sample.FIRST_BLOCK_STEPS)
+    result = dict(preset=args.preset, device=device, frames=args.frames, window=num_frames, sink_frames=1)
+
+    def stream(frames, switch_at=None):
+        rollout = M.Rollout(model, contexts[0], (cfg.in_dim, h, w), steps=steps, first_block_steps=first,
+                            generator=torch.Generator(device).manual_seed(0), window=num_frames, sink_frames=1)
+        noise_g = torch.Generator(device).manual_seed(1)
+        latencies = []
+        for f in range(frames):
+            if f == switch_at:
+                rollout.set_context(contexts[1], mode="recache")  # timed with the frame after it
+            sync(device)
+            start = time.perf_counter()
+            rollout.step(torch.randn(1, 1, cfg.in_dim, h, w, generator=noise_g, device=device))
+            sync(device)
+            latencies.append(time.perf_counter() - start)
+            if (f + 1) % 250 == 0:
+                print(f"  (frame {f + 1}: {1000 * latencies[-1]:.1f} ms)", flush=True)
+        return latencies
+
+    for path in args.paths:
+        M.fast_path(model, **({"compile": False, "cuda_graphs": False} if path == "eager" else {}))
+        frames = args.frames if path == "fast" else min(args.frames, args.eager_frames)
+        start = time.perf_counter()
+        stream(min(frames, 3 * num_frames))  # warm-up: compilation and capture of every slot
+        warm_up = time.perf_counter() - start
+        switch_at = args.switch_at if args.switch_at < frames else None
+        latencies = stream(frames, switch_at)
+        marks = [f for f in (1, 20, 100, 500, 1000, 2000) if f + args.half_window <= frames or f == 1]
+
+        def around(f):  # median ms over frames f-half..f+half (index 1 = the first frame)
+            return 1000 * _median(latencies[max(1, f - args.half_window) - 1:f + args.half_window])
+        row = dict(median_ms={f: around(f) for f in marks}, first_frame_ms=1000 * latencies[0], warm_up_s=warm_up,
+                   video_frames_per_second=video_per_latent / _median(latencies[1:]), how=M.describe_fast_path(model))
+        if switch_at is not None:
+            row["switch_frame_ms"] = 1000 * latencies[switch_at]
+        if 20 in row["median_ms"] and 1000 in row["median_ms"]:
+            row["latency_1000_over_20"] = row["median_ms"][1000] / row["median_ms"][20]
+        result[path] = row
+        print(f"\nstream {args.preset} ({device}, {row['how']}): first frame {row['first_frame_ms']:.1f} ms; "
+              f"{row['video_frames_per_second']:.1f} video frames/s at the median frame; warm-up {warm_up:.1f} s")
+        print("  median per-frame latency (ms) around frame: " + ", ".join(f"{f}: {v:.2f}" for f, v in row["median_ms"].items()))
+        if "latency_1000_over_20" in row:
+            print(f"  frame 1000 / frame 20: {row['latency_1000_over_20']:.3f} (goal within 10%)")
+        if "switch_frame_ms" in row:
+            print(f"  prompt switch (KV re-cache of {num_frames} frames) at frame {switch_at}: {row['switch_frame_ms']:.1f} ms")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
@@ -539,8 +705,16 @@ if __name__ == "__main__":
     p.add_argument("--samples_per_clip", type=float, default=100 * 4 / 16,
                    help="S/D of the run to cost (default: configs/toy/ode.yaml, 100 steps x 4 on 16 clips)")
     p.add_argument("--json", default="bench_stage2.json")
-    p = sub.add_parser("sampler", help="rollout speed vs the FLOP floor; KV cache vs recomputation")
-    p.add_argument("--presets", nargs="+", default=["toy", "small"], choices=list(SAMPLER_PRESETS))
+    p = sub.add_parser("sampler", help="rollout speed vs the FLOP floor, eager vs fast path; KV cache vs recomputation")
+    p.add_argument("--presets", "--preset", nargs="+", default=["toy", "small"], choices=list(SAMPLER_PRESETS))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--paths", nargs="+", default=["eager", "fast"], choices=["eager", "fast"],
+                   help="the forward paths to time (alternately, best of --repeats)")
+    p.add_argument("--samplers", nargs="+", choices=[label for label, _, _ in SAMPLERS],
+                   help="only these samplers (default all four)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, help="override the preset's depth (a quick check at Wan width)")
+    p.add_argument("--kv_compare", action="store_true", help="also time the KV cache against recomputation (CPU)")
     p.add_argument("--json", default="bench_sampler.json")
     p = sub.add_parser("stage3-memory", help="analytic memory estimate of a Stage-3 config")
     p.add_argument("--config", default="configs/dmd_small.yaml")
@@ -555,6 +729,13 @@ if __name__ == "__main__":
     p.add_argument("--use_ema", action="store_true", help="the EMA weights of a training checkpoint")
     p.add_argument("--pan", type=int, nargs=2, metavar=("DX", "DY"),
                    help="world-model mode: the camera pans this many px per frame the whole time")
+    p.add_argument("--preset", choices=list(SAMPLER_PRESETS),
+                   help="random weights at this preset's shape, no codec (e.g. wan2.1-t2v-1.3b --device cuda)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="with --preset")
+    p.add_argument("--paths", nargs="+", default=["eager", "fast"], choices=["eager", "fast"], help="with --preset")
+    p.add_argument("--eager_frames", type=int, default=60, help="with --preset: frames of the eager stream")
+    p.add_argument("--switch_at", type=int, default=500, help="with --preset: the frame of the prompt switch")
+    p.add_argument("--layers", type=int, help="with --preset: override its depth")
     p.add_argument("--json", default="bench_stream.json")
     p = sub.add_parser("page", help="live stream: frames/s and first-frame latency measured by the page (Chromium)")
     p.add_argument("--ckpt", default="checkpoints/toy/dmd_2step")

@@ -61,6 +61,8 @@ try:
 except ImportError:
     flash_attn_func = None
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # torch < 2.5 has no flex_attention; the dense backend still works
@@ -82,8 +84,12 @@ def attention(q, k, v, mask=None):
     """Scaled dot-product attention. q [B, Lq, N, d], k/v [B, Lk, N, d] -> [B, Lq, N, d].
     mask: None (all keys), a bool tensor [Lq, Lk] (True = may attend) or a flex BlockMask."""
     if mask is None:
-        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return flash_attn_func(q, k, v)
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            if flash_attn_func is not None:
+                return flash_attn_func(q, k, v)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # explicit: cuDNN's per-call CPU cost is high
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)  # [B, Lq, N, d]
     if isinstance(mask, torch.Tensor):
@@ -216,14 +222,36 @@ _rope_tables = {}
 
 
 def rope_table(head_dim, num_frames, h, w, max_positions, device, camera_dims=0, theta=10000.0):
-    """(cos, sin) fp32 [num_frames·h·w, d/2] for frames 0..num_frames-1, memoised (the rolling cache rotates
-    its visible keys with it on every call)."""
-    key = (head_dim, num_frames, h, w, str(device), camera_dims, theta)
-    if key not in _rope_tables:
-        angles = rope_angles(head_dim, num_frames, h, w, 0, max_positions, device=device, camera_dims=camera_dims,
+    """(cos, sin) fp32 [num_frames·h·w, d/2] for frames 0..num_frames-1: the first rows of one memoised table
+    per grid, which grows (doubling, up to max_positions frames) when a longer one is asked for. Row for row
+    equal to rope_angles: the angles are the same fp64 products. Frames p..p+n-1 are rows [p·h·w, (p+n)·h·w)."""
+    assert num_frames <= max_positions, f"{num_frames} frames exceed the RoPE range of {max_positions} positions"
+    key = (head_dim, h, w, str(device), camera_dims, theta)
+    table = _rope_tables.get(key)
+    if table is None or table[0].shape[0] < num_frames * h * w:
+        have = 0 if table is None else table[0].shape[0] // (h * w)
+        frames = min(max(num_frames, 2 * have, 16), max_positions)
+        angles = rope_angles(head_dim, frames, h, w, 0, max_positions, device=device, camera_dims=camera_dims,
                              theta=theta)
-        _rope_tables[key] = (torch.cos(angles).float(), torch.sin(angles).float())
-    return _rope_tables[key]
+        table = _rope_tables[key] = (torch.cos(angles).float(), torch.sin(angles).float())
+    return table[0][:num_frames * h * w], table[1][:num_frames * h * w]
+
+
+_rope_rows = {}
+
+
+def rope_rows(head_dim, start_frame, num_frames, h, w, max_positions, device, camera_dims=0, theta=10000.0):
+    """(cos, sin) fp32 [num_frames·h·w, d/2] of frames start_frame..start_frame+num_frames-1: rows of rope_table,
+    kept as their own contiguous tensors per (grid, start_frame, num_frames). A rollout thus hands the model the
+    same RoPE tensors at a given slot on every call: compiled code sees no changing offsets, and a CUDA graph
+    captured at that slot reads them where they stay."""
+    key = (head_dim, start_frame, num_frames, h, w, str(device), camera_dims, theta)
+    if key not in _rope_rows:
+        if len(_rope_rows) > 4096:  # many shapes seen (e.g. training with varying lengths): start over
+            _rope_rows.clear()
+        cos, sin = rope_table(head_dim, start_frame + num_frames, h, w, max_positions, device, camera_dims, theta)
+        _rope_rows[key] = (cos[start_frame * h * w:].clone(), sin[start_frame * h * w:].clone())
+    return _rope_rows[key]
 
 
 def apply_rope(x, cos, sin):
@@ -473,6 +501,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, B, max_frames·S, N, d]
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.context_kv = [None] * cfg.num_layers  # per layer (k, v) of the text, [B, Lt, N, d] each
+        self.text_buffers = [None] * cfg.num_layers  # where they live: kept across prompts (fixed addresses)
         self.context = None  # the context tensor the cross-attention cache belongs to
         self.filled_frames = 0
         self.slot_frames = []  # rolling layout: absolute frame held by each used slot, in slot order
@@ -490,6 +519,23 @@ class KVCache:
         """Drop the cached text keys/values, so the next call computes them from its (new) context."""
         self.context_kv = [None] * len(self.context_kv)
         self.context = None
+
+    def store_text(self, layer, k, v):
+        """Keep a layer's text keys/values [B, Lt, N, d] for the no-grad calls that follow. They are copied into
+        the buffers of the previous prompt when the shapes match, so the text K/V keep their memory addresses
+        for the whole rollout (a captured CUDA graph reads them there)."""
+        buffers = self.text_buffers[layer]
+        if buffers is None or buffers[0].shape != k.shape or buffers[0].dtype != k.dtype:
+            buffers = self.text_buffers[layer] = (k.clone(), v.clone())
+        else:
+            buffers[0].copy_(k)
+            buffers[1].copy_(v)
+        self.context_kv[layer] = buffers
+        return buffers
+
+    def text_ready(self):
+        """True when every layer holds its text keys/values (the forward then skips the text embedding)."""
+        return all(kv is not None for kv in self.context_kv)
 
     def check_block(self, start_frame, num_frames, batch_size):
         assert batch_size == self.batch_size, f"cache batch {self.batch_size} != input batch {batch_size}"
@@ -548,6 +594,10 @@ class KVCache:
 
 # -----------------------------------------------------------------------------
 # attention layers
+#
+# Each layer's maths is split at its two attention calls. The pieces between them (projections, norms, RoPE,
+# modulation, residual adds) depend only on the block's own tokens, so their shapes never change during a
+# rollout and the fast path compiles them (fast_path()); the attention calls read a cache whose length grows.
 
 
 class SelfAttention(nn.Module):
@@ -557,30 +607,39 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)  # over all heads, before the split
 
-    def forward(self, x, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0, camera=None):
-        """camera: None, or (P, P⁻¹, channels) of PRoPE for the frames of x (camera_projections, camera_channels)."""
+    def project(self, x, rope_cos, rope_sin, camera=None, rotate_keys=True):
+        """x [B, L, D] -> q, k, v [B, L, N, d]: RMS-normed q and k, RoPE on q (and on k unless a rolling cache
+        rotates keys on read), PRoPE's camera transform on q, k, v when camera = (P, P⁻¹, channels) is given."""
         B, L, D = x.shape
         N = self.num_heads
         q = self.norm_q(self.q(x)).view(B, L, N, D // N)  # [B, L, N, d]
         k = self.norm_k(self.k(x)).view(B, L, N, D // N)
         v = self.v(x).view(B, L, N, D // N)
         q = apply_rope(q, rope_cos, rope_sin)
+        if rotate_keys:
+            k = apply_rope(k, rope_cos, rope_sin)
         if camera is not None:  # RoPE leaves these channels alone (angle 0), so the order does not matter
             projection, inverse, channels = camera
             q = apply_camera(q, projection.transpose(-1, -2), channels)
             k = apply_camera(k, inverse, channels)
             v = apply_camera(v, inverse, channels)
-        if cache is not None and cache.rolling:  # keys stored unrotated, rotated at their slot on read
+        return q, k, v
+
+    def attend(self, q, k, v, mask=None, cache=None, layer=0, slot=0):
+        """Attention of this block's queries over its own keys, or over the cache it writes them into.
+        q, k, v [B, L, N, d] (k rotated unless the cache is rolling) -> [B, L, N, d]."""
+        if cache is not None:
             k, v = cache.update(layer, k, v, slot)  # [B, L_visible, N, d]
-            k = apply_rope(k, *cache.key_rope)
-        else:
-            k = apply_rope(k, rope_cos, rope_sin)
-            if cache is not None:  # keys are stored rotated, with their absolute frame positions
-                k, v = cache.update(layer, k, v, slot)  # [B, L_visible, N, d]
-        out = attention(q, k, v, mask)  # [B, L, N, d]
+            if cache.rolling:  # keys stored unrotated, rotated at their slot on read
+                k = apply_rope(k, *cache.key_rope)
+        return attention(q, k, v, mask)
+
+    def output(self, attended, camera=None):
+        """[B, L, N, d] -> [B, L, D]: PRoPE's output transform Pᵢ·o when cameras are given, then the o projection."""
+        B, L, N, d = attended.shape
         if camera is not None:
-            out = apply_camera(out, projection, channels)
-        return self.o(out.reshape(B, L, D))
+            attended = apply_camera(attended, camera[0], camera[2])
+        return self.o(attended.reshape(B, L, N * d))
 
 
 class CrossAttention(nn.Module):
@@ -592,19 +651,22 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, context, cache=None, layer=0):
+    def query(self, x):
         B, L, D = x.shape
+        return self.norm_q(self.q(x)).view(B, L, self.num_heads, D // self.num_heads)  # [B, L, N, d]
+
+    def text_keys_values(self, text, cache=None, layer=0):
+        """text [B, Lt, D] (the embedded context) -> k, v [B, Lt, N, d]. A cache computes them once per prompt
+        (no-grad calls); with gradient enabled they are recomputed so the text path receives gradient."""
+        if cache is not None and not torch.is_grad_enabled() and cache.context_kv[layer] is not None:
+            return cache.context_kv[layer]
+        B, Lt, D = text.shape
         N = self.num_heads
-        q = self.norm_q(self.q(x)).view(B, L, N, D // N)  # [B, L, N, d]
-        cached = cache.context_kv[layer] if cache is not None else None
-        if cached is not None and not torch.is_grad_enabled():
-            k, v = cached
-        else:  # with gradient enabled the text K/V are recomputed so the text path receives gradient
-            k = self.norm_k(self.k(context)).view(B, -1, N, D // N)  # [B, Lt, N, d]
-            v = self.v(context).view(B, -1, N, D // N)
-            if cache is not None and not torch.is_grad_enabled():
-                cache.context_kv[layer] = (k, v)
-        return self.o(attention(q, k, v).reshape(B, L, D))
+        k = self.norm_k(self.k(text)).view(B, Lt, N, D // N)  # [B, Lt, N, d]
+        v = self.v(text).view(B, Lt, N, D // N)
+        if cache is not None and not torch.is_grad_enabled():
+            k, v = cache.store_text(layer, k, v)
+        return k, v
 
 
 # -----------------------------------------------------------------------------
@@ -614,7 +676,9 @@ class CrossAttention(nn.Module):
 class WanBlock(nn.Module):
     """x ← x + g₁·SelfAttn(LN₁(x)(1+s₁)+b₁); x ← x + CrossAttn(LN₃(x), text); x ← x + g₂·FFN(LN₂(x)(1+s₂)+b₂).
     Shift/scale/gate come per frame from `modulation + e0[frame]`. Modulation and the gated residual adds
-    run in fp32, as in the original; the residual stream x is fp32."""
+    run in fp32, as in the original; the residual stream x is fp32.
+    forward() runs three token-local pieces around the two attention calls; with fast_path() on, no-grad calls
+    run the compiled versions of the same three methods."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -626,25 +690,57 @@ class WanBlock(nn.Module):
         self.norm2 = LayerNorm(D, eps=cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D ** 0.5)
+        self.compiled = False  # set by fast_path(): no-grad calls run the compiled pieces
 
-    def forward(self, x, e0, context, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0, camera=None):
+    def forward(self, x, e0, text, rope_cos, rope_sin, mask=None, cache=None, layer=0, slot=0, camera=None):
+        run = _COMPILED_PIECES if (self.compiled and not torch.is_grad_enabled()) else _EAGER_PIECES
+        rolling = cache is not None and cache.rolling
+        q, k, v = run["self_attention_inputs"](self, x, e0, rope_cos, rope_sin, camera, not rolling)
+        attended = self.self_attn.attend(q, k, v, mask, cache, layer, slot)  # [B, L, N, d]
+        x, q_text = run["cross_attention_inputs"](self, x, e0, attended, camera)
+        k_text, v_text = self.cross_attn.text_keys_values(text, cache, layer)
+        return run["feed_forward"](self, x, e0, attention(q_text, k_text, v_text))
+
+    # ---- the three token-local pieces (static shapes within a rollout) ----
+
+    def modulation_of(self, e0, index):
+        """Row `index` of modulation + e0: [B, F, 6, D] -> [B, F, 1, D] fp32 (0-2: shift, scale, gate of
+        self-attention; 3-5: of the FFN)."""
+        return (self.modulation.float()[:, None] + e0)[:, :, index].unsqueeze(2)
+
+    def modulated(self, norm, x, e0, index):
+        """norm(x)·(1 + scale) + shift with (shift, scale) = modulation rows index, index+1; fp32 [B, L, D]."""
         B, L, D = x.shape
         num_frames = e0.shape[1]  # frames in this sequence (2F under teacher forcing)
-        S = L // num_frames
+        h = norm(x).float().view(B, num_frames, L // num_frames, D)  # [B, F, S, D]
+        h = h * (1 + self.modulation_of(e0, index + 1)) + self.modulation_of(e0, index)
+        return h.view(B, L, D)
+
+    def gated(self, x, y, e0, index):
+        """x + gate·y with gate = modulation row `index`, in fp32. x [B, L, D] fp32, y [B, L, D]."""
+        B, L, D = x.shape
+        num_frames = e0.shape[1]
+        return x + (y.float().view(B, num_frames, L // num_frames, D) * self.modulation_of(e0, index)).view(B, L, D)
+
+    def self_attention_inputs(self, x, e0, rope_cos, rope_sin, camera, rotate_keys):
         dtype = self.self_attn.q.weight.dtype  # compute dtype of the linear layers
-        mod = self.modulation.float()[:, None] + e0  # [B, F, 6, D] fp32
-        shift1, scale1, gate1, shift2, scale2, gate2 = (m.unsqueeze(2) for m in mod.unbind(2))  # [B, F, 1, D]
+        h = self.modulated(self.norm1, x, e0, 0).to(dtype)
+        return self.self_attn.project(h, rope_cos, rope_sin, camera, rotate_keys)  # q, k, v [B, L, N, d]
 
-        h = self.norm1(x).float().view(B, num_frames, S, D) * (1 + scale1) + shift1  # [B, F, S, D]
-        y = self.self_attn(h.view(B, L, D).to(dtype), rope_cos, rope_sin, mask, cache, layer, slot, camera)
-        x = x + (y.float().view(B, num_frames, S, D) * gate1).view(B, L, D)
+    def cross_attention_inputs(self, x, e0, attended, camera):
+        x = self.gated(x, self.self_attn.output(attended, camera), e0, 2)
+        return x, self.cross_attn.query(self.norm3(x).to(self.cross_attn.q.weight.dtype))
 
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, cache, layer).float()
+    def feed_forward(self, x, e0, attended_text):
+        B, L, N, d = attended_text.shape
+        x = x + self.cross_attn.o(attended_text.reshape(B, L, N * d)).float()
+        y = self.ffn(self.modulated(self.norm2, x, e0, 3).to(self.ffn[0].weight.dtype))
+        return self.gated(x, y, e0, 5)
 
-        h = self.norm2(x).float().view(B, num_frames, S, D) * (1 + scale2) + shift2  # [B, F, S, D]
-        y = self.ffn(h.view(B, L, D).to(dtype))
-        x = x + (y.float().view(B, num_frames, S, D) * gate2).view(B, L, D)
-        return x
+
+_PIECES = ("self_attention_inputs", "cross_attention_inputs", "feed_forward")
+_EAGER_PIECES = {name: getattr(WanBlock, name) for name in _PIECES}
+_COMPILED_PIECES = {}  # filled by fast_path(); one compiled function per piece, shared by every layer
 
 
 class Head(nn.Module):
@@ -799,11 +895,15 @@ class CausalWanModel(nn.Module):
                 "cameras on every call of one video or on none (cache.reset() starts a new video)"
             cache.camera_dims = camera_dims
             position = cache.place(start_frame, num_frames, B)
-            if cache.rolling:  # every visible key at its slot; the queries are the last num_frames slots
-                cache.key_rope = rope_table(cfg.head_dim, position + num_frames, H // ph, W // pw,
-                                            cfg.rope_max_positions, x.device, camera_dims, cfg.rope_theta)
-        angles = rope_angles(cfg.head_dim, num_frames, H // ph, W // pw, position, cfg.rope_max_positions,
-                             device=x.device, camera_dims=camera_dims, theta=cfg.rope_theta)  # [F·S, d/2]
+        h, w = H // ph, W // pw
+        assert position + num_frames <= cfg.rope_max_positions and max(h, w) <= cfg.rope_max_positions, \
+            f"frames {position}..{position + num_frames - 1} or the {h}x{w} grid exceed the RoPE range " \
+            f"0..{cfg.rope_max_positions - 1}"
+        rope_cos, rope_sin = rope_rows(cfg.head_dim, position, num_frames, h, w, cfg.rope_max_positions, x.device,
+                                       camera_dims, cfg.rope_theta)  # [F·S, d/2] each: frames position..+F-1
+        if mode == "cached" and cache.rolling:  # every visible key at its slot; the queries are the last slots
+            cache.key_rope = rope_table(cfg.head_dim, position + num_frames, h, w, cfg.rope_max_positions,
+                                        x.device, camera_dims, cfg.rope_theta)
         if mode == "teacher_forcing":
             # [clean ‖ noisy]; clean frame j and noisy frame j share RoPE position j (as the official code does)
             clean_t = torch.zeros_like(t) if clean_t is None else clean_t
@@ -811,14 +911,30 @@ class CausalWanModel(nn.Module):
             tokens = torch.cat([self.patchify(clean_x).float(), tokens], dim=1)  # [B, 2F·S, D]
             _, e0_clean = self.time_embeddings(clean_t)
             e0 = torch.cat([e0_clean, e0], dim=1)  # [B, 2F, 6, D]
-            angles = torch.cat([angles, angles], dim=0)  # [2F·S, d/2]
-        rope_cos, rope_sin = torch.cos(angles).float(), torch.sin(angles).float()
+            rope_cos, rope_sin = torch.cat([rope_cos, rope_cos], dim=0), torch.cat([rope_sin, rope_sin], dim=0)
         mask = None
         if mode in ("block_causal", "teacher_forcing"):
             mask = attention_mask(mode, num_frames, S, K, x.device)
-        text = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # [B, Lt, D]
+        text = None  # a cache that already holds the text keys/values (no-grad calls) needs no text embedding
+        if not (mode == "cached" and not torch.is_grad_enabled() and cache.text_ready()):
+            text = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # [B, Lt, D]
 
-        # transformer
+        # transformer and head: replayed from a CUDA graph when the fast path captured this call (fast_path())
+        args = (tokens, e0, e, text, rope_cos, rope_sin, mask, cache, position, camera)
+        graphs = getattr(self, "cuda_graphs", None)
+        if graphs is not None and mode == "cached" and text is None and camera is None:
+            key = graph_key(args, cache) + (self.patch_embedding.weight.data_ptr(), self.head.head.weight.data_ptr())
+            out = graphs.run(self._transformer, args, key)
+        else:
+            out = self._transformer(*args)
+        if mode == "cached" and not torch.is_grad_enabled():  # grad-enabled calls leave the cache unchanged
+            cache.filled_frames = max(cache.filled_frames, start_frame + num_frames)
+            cache.context = context
+        return self.unpatchify(out, num_frames, H, W)  # [B, F, C_out, H, W]
+
+    def _transformer(self, tokens, e0, e, text, rope_cos, rope_sin, mask, cache, position, camera):
+        """The blocks and the head: tokens [B, L, D] fp32 -> [B, L, C·ph·pw] fp32. Tensors in, tensors out (the
+        cache is written in place), so a CUDA graph can capture a cached call of it."""
         for layer, block in enumerate(self.blocks):
             args = (tokens, e0, text, rope_cos, rope_sin, mask, cache, layer, position, camera)
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -826,12 +942,129 @@ class CausalWanModel(nn.Module):
                 tokens = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 tokens = block(*args)
-        if mode == "teacher_forcing":
-            tokens = tokens[:, num_frames * S:]  # keep the noisy half [B, F·S, D]
-        if mode == "cached" and not torch.is_grad_enabled():  # grad-enabled calls leave the cache unchanged
-            cache.filled_frames = max(cache.filled_frames, start_frame + num_frames)
-            cache.context = context
-        return self.unpatchify(self.head(tokens, e), num_frames, H, W)  # [B, F, C_out, H, W]
+        # the head runs on the frames of e: all of them, or the noisy half [B, F·S, D] under teacher forcing
+        tokens = tokens[:, tokens.shape[1] - e.shape[1] * (tokens.shape[1] // e0.shape[1]):]
+        return self.head(tokens, e)
+
+
+# -----------------------------------------------------------------------------
+# the fast path: the same forward, compiled and (on CUDA) captured as CUDA graphs
+#
+# A rollout calls the model hundreds of times on one block of tokens; at batch 1 an eager call spends more time
+# on per-op overhead than on arithmetic (docs/performance.md). The fast path changes how the forward runs, not
+# what it computes:
+#   - the three token-local pieces of every block (WanBlock) are compiled with torch.compile: the norms,
+#     modulation, RoPE and the casts around the bf16 matmuls fuse into a few kernels (Wan's fp32 residual stream
+#     and modulation are kept). One compilation serves every layer. No-grad calls only; training stays eager;
+#   - on CUDA, each cached no-grad call is captured once as a CUDA graph (per cache slot, shapes and the
+#     addresses of the buffers it reads) and replayed from then on: one launch instead of thousands. The first
+#     call of a prompt (it computes the text keys/values) and calls with cameras run without a graph.
+# On every path the RoPE tables (rope_table) and the text keys/values (KVCache.store_text) are computed once per
+# rollout. The eager forward is the reference; tests/test_fast_path.py holds the fast path to it.
+
+
+def compiler_available():
+    """torch.compile on the CPU needs a C++ compiler (Inductor writes C++); on CUDA it needs Triton."""
+    import shutil
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def fast_path(model, compile=None, cuda_graphs=None):
+    """Select how no-grad calls of `model` run — the one place that decides. Defaults: compile when this machine
+    can (compiler_available(); on CUDA always), CUDA graphs on CUDA. Call it after the model has its final
+    device and dtype. fast_path(model, compile=False, cuda_graphs=False) restores the eager forward.
+    Returns a one-line description for logs."""
+    device = next(model.parameters()).device
+    compile = (device.type == "cuda" or compiler_available()) if compile is None else compile
+    cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    assert not cuda_graphs or device.type == "cuda", "CUDA graphs need the model on a CUDA device"
+    if compile and not _COMPILED_PIECES:
+        for name, fn in _EAGER_PIECES.items():
+            _COMPILED_PIECES[name] = torch.compile(fn, fullgraph=True)
+    for block in model.blocks:
+        block.compiled = bool(compile)
+    if cuda_graphs and getattr(model, "graph_store", None) is None:
+        model.graph_store = CudaGraphs()  # kept when the fast path is switched off and on again (bench.py A/B)
+    model.cuda_graphs = model.graph_store if cuda_graphs else None
+    return describe_fast_path(model)
+
+
+def describe_fast_path(model):
+    compiled = all(block.compiled for block in model.blocks)
+    graphs = getattr(model, "cuda_graphs", None) is not None
+    if not compiled and not graphs:
+        return "eager forward" + ("" if compiler_available() else " (no C++ compiler for torch.compile: install g++)")
+    return "fast path: " + " + ".join(p for p, on in (("compiled blocks", compiled), ("CUDA graphs", graphs)) if on)
+
+
+def graph_key(args, cache):
+    """What a captured cached call depends on besides its copied inputs (tokens, e0, e): its shapes and slot,
+    and the addresses of everything it reads or writes in place — weights, cache buffers, RoPE tables, text K/V.
+    Equal keys mean the graph reads and writes exactly the memory this call would."""
+    tokens, e0, e, text, rope_cos, rope_sin, mask, _, position, camera = args
+    assert text is None and mask is None and camera is None, "only cached calls with cached text are captured"
+    tensors = [rope_cos, rope_sin, cache.k, cache.v]
+    if cache.rolling:
+        tensors += list(cache.key_rope)
+    for kv in cache.context_kv:
+        tensors += list(kv)
+    return (position, cache.rolling, tuple(tokens.shape), tuple(e0.shape), tokens.dtype,
+            tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors))
+
+
+class CudaGraphs:
+    """CUDA graphs of the model's cached calls (fast_path()). run(fn, args, key): the first call with a key runs
+    fn eagerly (that result is returned, and it warms up the kernels), then captures fn into a graph that reads
+    copies of args[:3]; later calls copy args[:3] in and replay. Graphs share one memory pool: their outputs are
+    cloned at once, so no graph's output outlives the next replay. At most `max_graphs` are kept (oldest first
+    out)."""
+
+    def __init__(self, max_graphs=512):
+        from collections import OrderedDict
+        self.graphs, self.max_graphs, self.pool = OrderedDict(), max_graphs, None
+        self.captures = self.replays = self.failures = 0
+        self.uncapturable = set()
+
+    def run(self, fn, args, key):
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, static_inputs, static_out = entry
+            self.graphs.move_to_end(key)
+            for static, value in zip(static_inputs, args[:3]):
+                static.copy_(value)
+            graph.replay()
+            self.replays += 1
+            return static_out.clone()
+        if key in self.uncapturable:
+            return fn(*args)
+        out = fn(*args)
+        static_inputs = tuple(torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
+                              for a in args[:3])
+        # warm up the exact call to be captured on a side stream (compilation, autotuning, library handles happen
+        # here, not during capture); it writes the same keys/values into the same slots as the call above
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*static_inputs, *args[3:])
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = fn(*static_inputs, *args[3:])
+        except RuntimeError as err:  # said once per shape and counted (bench.py prints the count), not hidden
+            self.uncapturable.add(key)
+            self.failures += 1
+            print(f"CUDA graphs: a cached call at slot {key[0]} could not be captured and runs without a graph "
+                  f"({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+            return out
+        self.graphs[key] = (graph, static_inputs, static_out)
+        self.captures += 1
+        if len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return out
 
 
 # -----------------------------------------------------------------------------
