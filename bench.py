@@ -602,25 +602,37 @@ def start_server(extra_args, threads):
 
 def bench_page(args):
     """End-to-end frames/s and first-frame latency as the page measures them, in headless Chromium."""
-    from playwright.sync_api import sync_playwright
+    if args.frames < 2:
+        raise SystemExit(f"bench.py page: error: --frames must be at least 2 (frame intervals), got {args.frames}")
+    if not os.path.isfile(args.browser):
+        raise SystemExit(f"bench.py page: error: no browser at --browser {args.browser}; apt-get install chromium "
+                         f"(make browser) or pass the path of a Chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise SystemExit("bench.py page: error: playwright is not installed (pip install -r requirements.txt)") from None
     proc, url = start_server(["--ckpt", args.ckpt] + (["--use_ema", "true"] if args.use_ema else []), args.threads)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.browser, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(url)
-            page.wait_for_function("window.demo && window.demo.state === 'ready'")
-            page.fill("#prompt", args.prompt)
-            page.click("#start")
-            if args.hold_key:  # world-model mode: the camera pans the whole time
-                page.wait_for_function("window.demo.frames >= 1", timeout=600_000)
-                page.locator("body").click(position=dict(x=5, y=5))  # focus leaves the prompt box
-                page.keyboard.down(args.hold_key)
-            page.wait_for_function(f"window.demo.frames >= {args.frames}", timeout=600_000)
-            stats = page.evaluate("({fps: demo.fps, frames: demo.frames, firstFrameMs: demo.firstFrameMs, "
-                                  "lastIndex: demo.lastIndex, arrivals: demo.arrivals})")
-            arrivals = stats.pop("arrivals")
-            browser.close()
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                page.wait_for_function("window.demo && window.demo.state === 'ready'", timeout=600_000)
+                page.fill("#prompt", args.prompt)
+                page.click("#start")
+                if args.hold_key:  # world-model mode: the camera pans the whole time
+                    page.wait_for_function("window.demo.frames >= 1", timeout=600_000)
+                    page.locator("body").click(position=dict(x=5, y=5))  # focus leaves the prompt box
+                    page.keyboard.down(args.hold_key)
+                page.wait_for_function(f"window.demo.frames >= {args.frames}", timeout=600_000)
+                page.click("#pause")  # no frame follows "paused": the numbers below are of one finished stream
+                page.wait_for_function("window.demo.state === 'paused'", timeout=600_000)
+                stats = page.evaluate("({fps: demo.fps, frames: demo.frames, firstFrameMs: demo.firstFrameMs, "
+                                      "lastIndex: demo.lastIndex, arrivals: demo.arrivals})")
+            finally:
+                browser.close()
+        arrivals = stats.pop("arrivals")
     finally:
         proc.send_signal(__import__("signal").SIGINT)
         proc.wait(timeout=30)

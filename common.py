@@ -3,7 +3,7 @@ Shared infrastructure of the stage scripts — no algorithm code lives here (the
 teaches are in that stage's file). Sections:
 
   config        a flat dataclass of defaults per script + yaml deltas (--config) + --key=value overrides;
-                unknown keys and wrong types are errors
+                unknown keys and wrong types are errors; --help lists the keys from the dataclass itself
   distributed   torchrun setup (nccl on CUDA, gloo on CPU), per-rank seeds, rank-0-only side effects
   FSDP2         fully_shard per block + root, mixed precision, full state dicts
   checkpoints   atomic checkpoint directories with a `latest` pointer; exact resume; one model loader
@@ -15,9 +15,12 @@ teaches are in that stage's file). Sections:
 """
 
 import functools
+import glob
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +89,9 @@ def load_config(config_cls, argv=None):
     """Build `config_cls` from its defaults, then each `--config FILE.yaml` (deltas only, applied in order),
     then `--key=value` (or `--key value`) overrides. Unknown keys, wrong types and malformed arguments raise ConfigError."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(config_help(config_cls))
+        raise SystemExit(0)
     hints = typing.get_type_hints(config_cls)
     known = {f.name for f in fields(config_cls)}
     values = {}
@@ -131,6 +137,79 @@ def load_config(config_cls, argv=None):
 
 def format_config(cfg):
     return "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items())
+
+
+# what the keys every stage shares mean, for --help; a Config field's own comment takes precedence
+SHARED_KEY_MEANINGS = dict(
+    lr="AdamW learning rate", beta1="AdamW beta1", beta2="AdamW beta2", weight_decay="AdamW weight decay",
+    grad_clip="clip the global gradient norm to this", warmup_steps="linear learning-rate warm-up over this many "
+    "optimizer steps (0 = none)", batch_size="clips per rank and micro-step", grad_accum="micro-steps per "
+    "optimizer step", max_steps="optimizer steps of the whole run", device="auto = cuda if available, else cpu",
+    mixed_precision="bf16 compute (CUDA, and CPUs with native bf16), fp32 weights and reduce",
+    cpu_offload="FSDP2 CPU offload of parameters, gradients and optimizer state (needs torchrun)",
+    activation_checkpointing="recompute each block's activations in the backward pass (less memory)",
+    seed="seed of the data order, noise and timesteps", out_dir="run directory: checkpoints, metrics, sample PNGs",
+    resume="continue from out_dir/latest (a fresh run refuses a directory that holds checkpoints)",
+    log_every="optimizer steps between log lines", save_every="optimizer steps between checkpoints",
+    sample_prompts="prompts of the periodic sample grid (empty: held-out toy prompts, or the run's own)",
+    num_samples="videos in the periodic sample grid", wandb_project="also log to this wandb project (null = no)",
+    data_dir="latent shards written by prepare_data.py", text_encoder='"toy" or a Wan folder (umT5-XXL)',
+    codec='"toy" or a Wan folder (the Wan VAE)', timestep_shift="shift of the timestep grid (5 = Wan, 1 = none)",
+)
+
+
+def config_comments(config_cls):
+    """{field: one-line meaning} from the source of the dataclass: a field's inline comment plus the comment-only
+    lines indented under it; the keys of SHARED_KEY_MEANINGS where a field has none."""
+    comments, last = {}, None
+    for line in inspect.getsource(config_cls).splitlines():
+        m = re.match(r"\s{4}(\w+)\s*:[^#]*(?:#\s*(.*))?$", line)
+        if m:
+            last = m.group(1)
+            comments[last] = (m.group(2) or "").strip()
+        elif last and re.match(r"\s{5,}#", line):  # a comment continued under the field's comment
+            comments[last] = f"{comments[last]} {line.strip()[1:].strip()}".strip()
+        else:
+            last = None
+    return {f.name: comments.get(f.name) or SHARED_KEY_MEANINGS.get(f.name, "") for f in fields(config_cls)}
+
+
+def config_help(config_cls, config_dir=None):
+    """--help of a script whose config is `config_cls`: its purpose (first paragraph of the module docstring),
+    every key with type, default and meaning, the yaml files in configs/ that set it, and an example command."""
+    module = sys.modules[config_cls.__module__]
+    script = os.path.basename(getattr(module, "__file__", None) or "script.py")
+    doc = (module.__doc__ or "").strip()
+    purpose = " ".join(doc.split("\n\n")[0].split())
+    config_dir = config_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    hints, meanings, known = typing.get_type_hints(config_cls), config_comments(config_cls), config_cls.__dataclass_fields__
+    import yaml
+    # this script's yaml files: every key is one of its keys, and the name is of a family its docstring launches
+    # (configs/toy/cd.yaml -> cd: cd_chunkwise.yaml, camera_cd.yaml, ...; tf.yaml has Stage-2 keys only)
+    family = lambda path: os.path.basename(path).removeprefix("camera_").split("_")[0].split(".")[0]
+    families = {family(p) for p in re.findall(r"configs/[\w/]+\.yaml", doc)}
+    set_by = {name: [] for name in known}  # key -> the yaml files that set it
+    for path in sorted(glob.glob(os.path.join(config_dir, "*.yaml")) + glob.glob(os.path.join(config_dir, "*", "*.yaml"))):
+        with open(path) as f:
+            delta = yaml.safe_load(f) or {}
+        if (isinstance(delta, dict) and delta and set(delta) <= set(known) and
+                (not families or family(path) in families)):
+            for key in delta:
+                set_by[key].append(os.path.relpath(path, os.path.dirname(config_dir)))
+    yamls = sorted({p for paths in set_by.values() for p in paths})
+    launches = [line.strip().split("  #")[0].strip() for line in doc.splitlines() if f"{script} --config" in line]
+    example = launches[0] if launches else f"python {script} --config {yamls[0] if yamls else 'FILE.yaml'}"
+    typename = lambda t: t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+    lines = [f"{script}: {purpose}", "",
+             f"usage: python {script} [--config FILE.yaml ...] [--key=value | --key value ...]",
+             "  the defaults below <- each --config file (deltas, in order) <- --key=value overrides", "",
+             "config keys (type = default: meaning; set in: the yaml files of configs/ that set it):"]
+    for f in fields(config_cls):
+        lines.append(f"  --{f.name} ({typename(hints[f.name])} = {f.default!r}): {meanings[f.name] or '-'}")
+        if set_by[f.name]:
+            lines.append(f"      set in: {', '.join(set_by[f.name])}")
+    lines += ["", f"example:\n  {example}\n  {example} --max_steps=10 --out_dir=runs/try   # override keys"]
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -872,6 +951,21 @@ def to_uint8_frames(video):
     assert video.ndim == 4 and video.shape[1] == 3, f"expected a video [T, 3, H, W], got {tuple(video.shape)}"
     frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(0, 2, 3, 1).numpy()
+
+
+def mp4_writer_problem():
+    """None if imageio can write mp4 here (imageio-ffmpeg and its ffmpeg), else one line saying what to install.
+    Ask before computing a video: without the plugin imageio picks another writer, which fails on the first frame."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return "imageio cannot write mp4 here: the imageio-ffmpeg package is missing (pip install imageio-ffmpeg)"
+    try:
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as e:
+        return f"imageio-ffmpeg finds no ffmpeg executable ({str(e).splitlines()[0]}); pip install --force-reinstall " \
+               f"imageio-ffmpeg (its wheel carries one) or set IMAGEIO_FFMPEG_EXE"
+    return None
 
 
 def save_png_grid(videos, path, max_frames=12, scale=1):

@@ -254,12 +254,18 @@ def main():
     p.add_argument("--batch_size", type=int, default=4, help="videos per VAE encode call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    if args.toy < 0:
+        p.error(f"--toy must be a number of clips (>= 1), got {args.toy}")
+    if not args.toy and not (args.videos and args.captions and args.wan_dir):
+        p.error("real data needs --videos, --captions and --wan_dir (or --toy N for N toy-world clips)")
+    for name in ("shard_size", "batch_size", "height", "width", "num_frames"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     t0 = time.time()
     if args.toy:
         summary = prepare_toy(args.toy, args.out, args.seed, args.shard_size or 512, args.world)
     else:
-        assert args.videos and args.captions and args.wan_dir, "real data needs --videos, --captions and --wan_dir (or use --toy N)"
         import encoders
         codec = encoders.load_codec(args.wan_dir, args.device)
         summary = prepare_videos(read_captions(args.captions), args.videos, args.out, codec, args.height, args.width,

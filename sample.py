@@ -498,6 +498,9 @@ def parse_args(argv=None):
 def main(argv=None):
     """Returns {prompt: video [T, 3, H, W]} (for tests); raises SampleError on bad input before writing."""
     args = parse_args(argv)
+    problem = common.mp4_writer_problem()  # before anything is computed, so no video is made and then lost
+    if problem:
+        raise SampleError(problem)
     prompts = read_prompts(args)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))

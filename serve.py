@@ -29,6 +29,8 @@ frame's camera moves by it; the camera of every frame goes back as {"type": "cam
 message per decoded frame:
 a 16-byte little-endian header (uint32 frame index, float32 generation ms of its latent block, uint16 width,
 uint16 height, uint8 format 0 = raw RGB / 1 = JPEG, uint8 0, uint16 prompt epoch) followed by the pixels.
+"paused" comes after the frame in flight: no frame follows it until "resume". A malformed message (not JSON, a
+binary message, a wrong type or value of a field) gets an "error" message saying what is wrong and changes nothing.
 """
 
 import argparse
@@ -287,6 +289,29 @@ def encode_frame(frame, index, gen_ms, epoch, cfg):
     return HEADER.pack(index, gen_ms, W, H, RAW_RGB, 0, epoch) + frame.tobytes()
 
 
+class MessageError(ValueError):
+    """A malformed client message; the text goes back to the client as an error message."""
+
+
+SWITCH_MODES = ("recache", "cross_attn")
+CONTROL_KEYS = ("pan",)  # the keys of a control message (world-model mode)
+
+
+def field(message, key, kind, default=None, choices=None):
+    """message[key] checked against `kind` (a type or tuple of types; a bool is never an int) and `choices`;
+    absent or null -> default. Raises MessageError with a one-line message that says what to send instead."""
+    value = message.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or
+            (choices is not None and value not in choices)):
+        want = (f"one of {', '.join(map(repr, choices))}" if choices is not None else
+                " or ".join({str: "a string", int: "an integer"}.get(k, k.__name__) for k in kinds))
+        raise MessageError(f"{key!r} of a {message['type']!r} message must be {want}, got {json.dumps(value)[:100]}")
+    return value
+
+
 class Session:
     """Reads a client's messages and streams its frames. The generation loop runs as its own task; everything
     that touches the model goes through the engine's worker thread."""
@@ -295,6 +320,8 @@ class Session:
         self.engine, self.ws, self.stats = engine, ws, stats
         self.stream = None
         self.running = asyncio.Event()  # set while frames should flow
+        self.idle = asyncio.Event()  # set while the generation loop has no frame in flight (waits for `running`)
+        self.idle.set()
         self.pending = []  # (context, prompt, mode) to apply before the next frame
         self.prompt = None
         self.epoch = 0  # increments with every applied prompt
@@ -316,6 +343,16 @@ class Session:
             return None
 
     async def on_message(self, data):
+        """One client message. A malformed one gets an error message back and changes nothing."""
+        try:
+            await self.handle(data)
+        except MessageError as e:
+            await self.send_json(type="error", message=f"message not accepted: {e}")
+
+    async def handle(self, data):
+        if not isinstance(data, str):
+            raise MessageError(f"got a binary message of {len(data)} bytes; send JSON text such as "
+                               f'{{"type": "start", "prompt": "..."}}')
         try:
             message = json.loads(data)
             kind = message["type"]
@@ -324,15 +361,15 @@ class Session:
             await self.send_json(type="error", message=f"cannot read message {data[:200]!r}: expected JSON with a 'type'")
             return
         if kind == "start":
-            prompt = message.get("prompt") or self.engine.cfg.default_prompt
+            prompt = field(message, "prompt", str) or self.engine.cfg.default_prompt
+            mode = field(message, "mode", str, choices=SWITCH_MODES)
+            seed = field(message, "seed", int, default=self.engine.cfg.seed)
+            if seed < 0:
+                raise MessageError(f"'seed' of a 'start' message must be a non-negative integer, got {seed}")
             if self.stream is not None:  # already started: a new prompt, else resume
                 if prompt != self.prompt:
-                    await self.queue_prompt(prompt, message.get("mode"))
+                    await self.queue_prompt(prompt, mode)
                 self.running.set()
-                return
-            seed = message.get("seed", self.engine.cfg.seed)
-            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-                await self.send_json(type="error", message=f"seed must be a non-negative integer, got {seed!r}")
                 return
             context = await self.encode(prompt)
             if context is None:
@@ -344,6 +381,7 @@ class Session:
             self.running.set()
         elif kind == "pause":
             self.running.clear()
+            await self.idle.wait()  # the frame in flight is sent first: no frame follows "paused"
             await self.send_json(type="paused")
         elif kind == "resume":
             if self.stream is not None:
@@ -354,24 +392,28 @@ class Session:
             await self.close_stream()
             await self.send_json(type="reset")
         elif kind == "prompt":
-            await self.queue_prompt(message.get("prompt", ""), message.get("mode"))
+            await self.queue_prompt(field(message, "prompt", str, default=""),
+                                    field(message, "mode", str, choices=SWITCH_MODES))
         elif kind == "control":
             controls = {k: v for k, v in message.items() if k != "type"}
+            unknown = sorted(set(controls) - set(CONTROL_KEYS))
+            if unknown:
+                raise MessageError(f"unknown control {', '.join(map(repr, unknown))}; a control message carries "
+                                   f"{', '.join(map(repr, CONTROL_KEYS))}")
+            if "pan" in controls and not self.engine.camera:
+                raise MessageError("'pan' moves the camera of a world-model (camera-conditioned) checkpoint; this "
+                                   "model has none: serve e.g. --ckpt checkpoints/toy/camera_dmd_2step")
             if self.engine.camera:
                 try:
                     self.engine.read_pan(controls)
                 except PromptError as e:
-                    await self.send_json(type="error", message=f"control not accepted: {e}")
-                    return
+                    raise MessageError(str(e)) from None
             self.controls = controls
         else:
             await self.send_json(type="error", message=f"unknown message type {kind!r}")
 
     async def queue_prompt(self, prompt, mode):
         mode = mode or self.engine.cfg.switch_mode
-        if mode not in ("recache", "cross_attn"):
-            await self.send_json(type="error", message=f"unknown switch mode {mode!r}; use recache or cross_attn")
-            return
         context = await self.encode(prompt)
         if context is None:
             return
@@ -388,10 +430,18 @@ class Session:
         return stream.step(controls)
 
     async def generate_forever(self):
+        try:
+            await self._generate()
+        finally:  # a pause waiting for this loop must not wait forever once the loop has ended
+            self.idle.set()
+
+    async def _generate(self):
         min_interval = 1.0 / self.engine.cfg.max_fps if self.engine.cfg.max_fps > 0 else 0.0
         next_time = 0.0
         while True:
+            self.idle.set()
             await self.running.wait()
+            self.idle.clear()
             if self.stream is None:
                 self.running.clear()
                 continue
@@ -462,7 +512,7 @@ async def websocket_handler(request):
     task = asyncio.create_task(session.generate_forever())
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 await session.on_message(msg.data)
             elif msg.type == WSMsgType.ERROR:
                 break

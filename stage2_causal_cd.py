@@ -43,9 +43,9 @@ class Config:
     method: str = "cd"                # "cd" = causal consistency distillation, "ode" = the causal ODE baseline
     # models
     teacher: str = "runs/tf"          # Stage-1 run directory (its latest checkpoint), checkpoint or official .pt
-    teacher_use_ema: bool = False
+    teacher_use_ema: bool = False     # the EMA weights of the teacher checkpoint
     init_from: str | None = None      # the student's initial weights; null = the teacher
-    init_use_ema: bool = False
+    init_use_ema: bool = False        # the EMA weights of the init_from checkpoint
     model_preset: str = "wan2.1-t2v-1.3b"  # architecture of an official .pt (which carries no config.json)
     frames_per_block: int | None = None    # None: the teacher's; set it (1 or 3) for an official .pt
     # data and text

@@ -43,9 +43,9 @@ class Config:
     generator: str = "runs/cd"        # Stage-2 run directory (its latest checkpoint), checkpoint or official .pt
     generator_use_ema: bool = True    # start from θ⁻ of causal CD, the weights Stage 2 exists to produce
     real_score: str = "wan_models/Wan2.1-T2V-14B"   # frozen bidirectional teacher (paper and official: 14B)
-    real_use_ema: bool = False
+    real_use_ema: bool = False        # the EMA weights of the real_score checkpoint
     fake_score: str = "wan_models/Wan2.1-T2V-1.3B"  # the critic's initial weights: the 1.3B base (official code)
-    fake_use_ema: bool = False
+    fake_use_ema: bool = False        # the EMA weights of the fake_score checkpoint
     model_preset: str = "wan2.1-t2v-1.3b"           # architecture of an official .pt generator / fake score
     real_model_preset: str = "wan2.1-t2v-14b"       # ... and of an official .pt real score
     frames_per_block: int | None = None             # None: the generator's; set it (1 or 3) for an official .pt
@@ -63,12 +63,12 @@ class Config:
     context_t: float = 0.0            # t of the context pass that writes a finished block into the cache
     # DMD
     real_guidance_scale: float = 4.0  # u + w(c − u); the official c + 3(c − u) is w = 4
-    dmd_min_t: float = 20.0
-    dmd_max_t: float = 980.0
+    dmd_min_t: float = 20.0           # lowest DMD timestep t: lower draws are clamped up to it
+    dmd_max_t: float = 980.0          # highest DMD timestep t: higher draws are clamped down to it
     critic_updates: int = 5           # critic updates per generator update
     # optimisation (paper / official: G 2e-6, critic 4e-7, AdamW (0, 0.999), wd 0.01, clip 10, batch 64)
     lr: float = 2e-6
-    critic_lr: float = 4e-7
+    critic_lr: float = 4e-7           # learning rate of the fake score (critic)
     beta1: float = 0.0
     beta2: float = 0.999
     weight_decay: float = 0.01
@@ -76,7 +76,7 @@ class Config:
     batch_size: int = 1
     grad_accum: int = 8
     max_steps: int = 200              # generator updates (= 1000 official iterations)
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99           # of the generator's EMA (the weights to sample and export)
     ema_start: int = 40               # generator updates before the EMA starts trailing (until then it copies)
     # system
     device: str = "auto"

@@ -411,7 +411,20 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=64, help="one-object moving clips to average over")
     p.add_argument("--seed", type=int, default=0, help="picks the clips and the noise")
     p.add_argument("--json", help="write the rows to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    error = sub.choices[args.command].error  # one line under the subcommand's usage, exit code 2
+    if getattr(args, "samples", 1) < 1:
+        error(f"--samples must be at least 1 (videos per held-out prompt), got {args.samples}")
+    if args.command == "oracle":
+        if args.clips < 1:
+            error(f"--clips must be at least 1, got {args.clips}")
+        try:
+            sigmas = [float(s) for s in args.sigmas.split(",")]
+        except ValueError:
+            sigmas = []
+        if not sigmas or not all(0 < s <= 1 for s in sigmas):
+            error(f"--sigmas must be comma-separated noise levels in (0, 1], e.g. 0.9,0.6; got {args.sigmas!r}")
+    return args
 
 
 def main(argv=None):

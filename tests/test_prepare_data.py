@@ -137,3 +137,18 @@ def test_prepare_videos_with_poses_stores_the_latent_frames_cameras(video_dir, t
     (tmp_path / "mixed.csv").write_text("video,caption,poses\nok0.mp4,a,ok0.json\nok2.mp4,b,\n")
     with pytest.raises(AssertionError, match="give every video its poses or none"):
         pd.read_captions(tmp_path / "mixed.csv")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--toy", "-3"], "--toy must be a number of clips"),
+    ([], "real data needs --videos, --captions and --wan_dir"),
+    (["--toy", "4", "--shard_size", "0"], "--shard_size must be at least 1"),
+    (["--videos", "v", "--captions", "c.csv", "--wan_dir", "w", "--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["prepare_data.py", "--out", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as exit:
+        pd.main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

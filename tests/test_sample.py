@@ -44,6 +44,25 @@ def test_cli_writes_a_readable_mp4_and_png_with_the_right_frame_count(tiny_ckpt,
     assert sorted(os.listdir(tmp_path)) == sorted(f"{sample.slug(p)}-0.{e}" for p in prompts for e in ("mp4", "png"))
 
 
+@pytest.mark.parametrize("missing", ["package", "executable"])
+def test_no_mp4_writer_stops_before_sampling_with_one_line(tiny_ckpt, tmp_path, monkeypatch, missing):
+    """Without imageio-ffmpeg imageio picks another writer that fails on the first frame, after the sampling:
+    sample.py must stop before it loads or samples anything, naming what to install."""
+    import sys
+    if missing == "package":
+        monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg -> ImportError
+    else:
+        import imageio_ffmpeg
+
+        def no_exe():
+            raise RuntimeError("No ffmpeg exe could be found.\nInstall ffmpeg on your system.")
+        monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_exe)
+    monkeypatch.setattr(sample, "load_for_inference", lambda *a, **k: pytest.fail("loaded before the mp4 check"))
+    with pytest.raises(sample.SampleError, match="pip install (--force-reinstall )?imageio-ffmpeg") as err:
+        run(tiny_ckpt, tmp_path / "out", "--prompt", "a red circle moves left quickly")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_streaming_equals_non_streaming(tiny_ckpt, tmp_path):
     prompt = "a green triangle bounces slowly"
     plain = run(tiny_ckpt, tmp_path / "plain", "--prompt", prompt, "--num_frames", "4")[prompt]

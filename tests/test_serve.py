@@ -1,6 +1,8 @@
 """serve.py end to end: a real server process on a free loopback port, driven over its WebSocket (aiohttp client)
 and in headless Chromium (Playwright + Debian's chromium). Streams, prompt switching, bad prompts, busy / separate
-streams, a closed tab, Ctrl-C. Timing targets are measured by bench.py, never asserted here."""
+streams, a closed tab, Ctrl-C, malformed messages. Timing targets are measured by bench.py, never asserted here,
+and no test depends on how fast frames arrive: what a test reads while frames flow, it reads after "paused" (no
+frame follows it) or in message order on the one socket."""
 import asyncio
 import json
 import os
@@ -9,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -41,18 +44,25 @@ class Server:
             raise AssertionError(f"serve.py did not start:\n{''.join(self.lines)}\n{self.proc.stderr.read()[-3000:]}")
         assert self.url.startswith("http://127.0.0.1:"), f"the default bind must be loopback, got {self.url}"
         self.ws_url = self.url.replace("http://", "ws://") + "ws"
+        self.out, self.err = [], []  # read all along, so a chatty server never blocks on a full pipe
+        self.readers = [threading.Thread(target=lines.extend, args=(pipe,), daemon=True)
+                        for lines, pipe in ((self.out, self.proc.stdout), (self.err, self.proc.stderr))]
+        for reader in self.readers:
+            reader.start()
 
     def stop(self, timeout=30):
         """Ctrl-C; returns (exit code, rest of stdout, stderr)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
-            out, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, err = self.proc.communicate()
-            raise AssertionError(f"serve.py did not exit within {timeout} s of SIGINT:\n{err[-3000:]}")
-        return self.proc.returncode, out, err
+            self.proc.wait()
+            raise AssertionError(f"serve.py did not exit within {timeout} s of SIGINT:\n{''.join(self.err)[-3000:]}")
+        for reader in self.readers:
+            reader.join()
+        return self.proc.returncode, "".join(self.out), "".join(self.err)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +82,10 @@ async def stats(session, server):
 
 
 async def idle(session, server):
-    """Wait until the previous test's connection is gone (a closing stream still counts against --max_streams)."""
-    for _ in range(200):
-        if (await stats(session, server))["connections"] == 0:
-            return
+    """Wait until the previous test's connection is gone (a closing stream still counts against --max_streams);
+    run()'s time limit ends a wait that never does."""
+    while (await stats(session, server))["connections"] != 0:
         await asyncio.sleep(0.05)
-    raise AssertionError("the server still holds a connection from an earlier client")
 
 
 async def receive(ws, frames, messages):
@@ -92,6 +100,22 @@ async def receive(ws, frames, messages):
             messages.append(json.loads(msg.data))
         else:
             raise AssertionError(f"socket ended while waiting for frames: {msg.type} {messages}")
+    return out
+
+
+async def receive_until(ws, kind, messages):
+    """Read until a text message of type `kind` arrives -> the binary frames read on the way, as receive();
+    every text message goes to `messages`."""
+    import aiohttp
+    out, seen = [], len(messages)
+    while not any(m["type"] == kind for m in messages[seen:]):
+        msg = await ws.receive()
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            out.append((HEADER.unpack_from(msg.data), msg.data[HEADER.size:]))
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            messages.append(json.loads(msg.data))
+        else:
+            raise AssertionError(f"socket ended while waiting for a {kind!r} message: {msg.type} {messages}")
     return out
 
 
@@ -137,30 +161,30 @@ def test_stream_prompt_switch_bad_prompt_busy_and_closed_tab(server):
 
                 # a prompt the toy text encoder cannot take: an error naming the words, and the stream goes on
                 await ws.send_json(dict(type="prompt", prompt=BAD_PROMPT))
-                more = await receive(ws, 10, messages)
+                more = await receive_until(ws, "error", messages)
+                more += await receive(ws, 10, messages)
                 errors = [m for m in messages if m["type"] == "error"]
-                assert errors and "purple" in errors[0]["message"] and "vocabulary" in errors[0]["message"]
-                assert [h[0] for h, _ in more] == list(range(30, 40)) and all(h[6] == 0 for h, _ in more)
+                assert len(errors) == 1 and "purple" in errors[0]["message"] and "vocabulary" in errors[0]["message"]
+                assert [h[0] for h, _ in more] == list(range(30, 30 + len(more))) and all(h[6] == 0 for h, _ in more)
 
-                # a good prompt switch: acknowledged with the frame it starts at, and frames follow it
+                # a good prompt switch: acknowledged with the frame it starts at (before that frame), frames follow it
                 await ws.send_json(dict(type="prompt", prompt=NEW_PROMPT, mode="cross_attn"))
-                after = await receive(ws, 24, messages)
+                before = await receive_until(ws, "prompt_applied", messages)
                 applied = [m for m in messages if m["type"] == "prompt_applied"]
                 assert len(applied) == 1 and applied[0]["prompt"] == NEW_PROMPT and applied[0]["epoch"] == 1
-                switched = [(h, p) for h, p in after if h[0] >= applied[0]["frame"]]
-                assert all(h[6] == 1 for h, _ in switched) and len(switched) >= 20
+                switched = await receive(ws, 20, messages)
+                assert [h[0] for h, _ in before + switched] == list(range(30 + len(more), switched[-1][0][0] + 1))
+                assert all(h[6] == 0 for h, _ in before) and all(h[6] == 1 for h, _ in switched)
+                assert switched[0][0][0] == applied[0]["frame"]
                 video = to_video(switched[4:16])  # bench.py prompt-switch: the new colour shows within 3 frames
                 assert toyworld.score_video(video, NEW_PROMPT)["colour"] >= 0.75
                 assert toyworld.score_video(video, OLD_PROMPT)["colour"] <= 0.25
                 running = await stats(session, server)
                 assert running["active_streams"] == 1 and running["busy_refusals"] >= 1
-            # the tab is gone: generation stops and the stream is freed
-            for _ in range(100):
-                now = await stats(session, server)
-                if now["connections"] == 0:
-                    break
+            # the tab is gone: generation stops and the stream is freed (run()'s time limit ends a wait that never does)
+            while (now := await stats(session, server))["connections"] != 0:
                 await asyncio.sleep(0.05)
-            assert now["connections"] == 0 and now["active_streams"] == 0
+            assert now["active_streams"] == 0
             await asyncio.sleep(0.5)
             later = await stats(session, server)
             assert later["frames_sent"] == now["frames_sent"], "frames are still generated for a closed tab"
@@ -215,27 +239,82 @@ def test_pause_resume_reset(server):
                 messages = []
                 await receive(ws, 5, messages)
                 await ws.send_json(dict(type="pause"))
-                while not any(m["type"] == "paused" for m in messages):
-                    messages.append(await ws.receive_json())
+                await receive_until(ws, "paused", messages)  # the frame in flight comes before "paused"
                 paused_at = (await stats(session, server))["frames_sent"]
                 await asyncio.sleep(0.5)
-                assert (await stats(session, server))["frames_sent"] <= paused_at + 1  # at most the frame in flight
+                assert (await stats(session, server))["frames_sent"] == paused_at, "a frame came after 'paused'"
                 await ws.send_str("nonsense")  # not JSON: an error message, and the stream stays usable
                 await ws.send_json(dict(type="resume"))
                 resumed = await receive(ws, 3, messages)
                 assert any(m["type"] == "error" and "nonsense" in m["message"] for m in messages)
                 assert resumed[0][0][0] >= 5
                 await ws.send_json(dict(type="reset"))
-                while not any(m["type"] == "reset" for m in messages):
-                    msg = await ws.receive()
-                    if msg.type == aiohttp.WSMsgType.TEXT:
-                        messages.append(json.loads(msg.data))
+                await receive_until(ws, "reset", messages)
                 assert (await stats(session, server))["active_streams"] == 0
                 await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
                 again = await receive(ws, 2, messages)
                 assert [h[0] for h, _ in again] == [0, 1]
 
     run(scenario())
+
+
+# a malformed message -> (the server to send it to, a piece of the error message that comes back)
+MALFORMED = [
+    (dict(type="start", prompt=12345), "server", "'prompt' of a 'start' message must be a string"),
+    (dict(type="start", prompt=["a"]), "server", "'prompt' of a 'start' message must be a string"),
+    (dict(type="start", seed="1"), "server", "'seed' of a 'start' message must be an integer"),
+    (dict(type="start", seed=-1), "server", "must be a non-negative integer"),
+    (dict(type="start", prompt=NEW_PROMPT, mode=7), "server", "'mode' of a 'start' message must be one of"),
+    (dict(type="prompt", prompt=12345), "server", "'prompt' of a 'prompt' message must be a string"),
+    (dict(type="prompt", prompt=NEW_PROMPT, mode=7), "server", "'mode' of a 'prompt' message must be one of"),
+    (dict(type="prompt", prompt=NEW_PROMPT, mode="fast"), "server", "'recache', 'cross_attn'"),
+    (dict(type="control", pan=[1e9, "a"]), "server", "'pan' moves the camera of a world-model"),
+    (dict(type="control", pan=[1e9, "a"]), "camera_server", "pan must be two whole numbers"),
+    (dict(type="control", zoom=2), "camera_server", "unknown control 'zoom'"),
+    (b"\x00\x01binary", "server", "binary message of 8 bytes"),
+    ("nonsense", "server", "expected JSON with a 'type'"),
+    ("[1, 2]", "server", "expected JSON with a 'type'"),
+    (dict(type="fly"), "server", "unknown message type 'fly'"),
+]
+
+
+@pytest.mark.parametrize("message, which, expected", MALFORMED,
+                         ids=[f"{i}-{str(m)[:40]}" for i, (m, _, _) in enumerate(MALFORMED)])
+def test_a_malformed_message_gets_an_error_and_leaves_the_stream_as_it_was(message, which, expected, request):
+    import aiohttp
+    s = request.getfixturevalue(which)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            await idle(session, s)
+            async with session.ws_connect(s.ws_url) as ws:
+                assert (await ws.receive_json())["type"] == "hello"
+                await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
+                messages = []
+                frames = await receive(ws, 2, messages)
+                if isinstance(message, dict):
+                    await ws.send_json(message)
+                elif isinstance(message, bytes):
+                    await ws.send_bytes(message)
+                else:
+                    await ws.send_str(message)
+                await ws.send_json(dict(type="pause"))  # its answer comes before "paused"
+                frames += await receive_until(ws, "paused", messages)
+                paused = await stats(session, s)
+                await ws.send_json(dict(type="resume"))
+                frames += await receive(ws, 2, messages)
+        errors = [m["message"] for m in messages if m["type"] == "error"]
+        assert len(errors) == 1 and expected in errors[0], (message, errors)
+        assert "\n" not in errors[0] and len(errors[0]) < 300, errors[0]  # one line
+        # the stream is as it was: the same prompt and epoch, every frame in order, the camera where it was
+        assert paused["streams"][0]["prompt"] == OLD_PROMPT and paused["streams"][0]["epoch"] == 0
+        assert [h[0] for h, _ in frames] == list(range(len(frames))) and all(h[6] == 0 for h, _ in frames)
+        assert all(m["corner"] == [0, 0] for m in messages if m["type"] == "camera")
+
+    run(scenario())
+    code = s.proc.poll()
+    assert code is None, f"serve.py exited ({code}): {''.join(s.err)[-3000:]}"
+    assert "Traceback" not in "".join(s.err), "".join(s.err)[-3000:]
 
 
 def test_two_clients_get_their_own_streams():
@@ -401,31 +480,33 @@ def test_camera_mode_moves_every_frame_by_the_commanded_pan(camera_server):
                 assert "world-model mode" in hello["model"]
                 await ws.send_json(dict(type="start", prompt=OLD_PROMPT))
                 messages = []
-                await receive(ws, 3, messages)
+                still = await receive(ws, 3, messages)
+                await ws.send_json(dict(type="pause"))  # no frame follows "paused": the pan starts at a known frame
+                still += await receive_until(ws, "paused", messages)
                 await ws.send_json(dict(type="control", pan=[2, -1]))
+                await ws.send_json(dict(type="resume"))
                 frames = await receive(ws, 12, messages)
                 await ws.send_json(dict(type="control", pan=[3, 0]))  # beyond what the model was trained on
                 await ws.send_json(dict(type="control", pan="left"))
-                await receive(ws, 3, messages)
-                running = await stats(session, camera_server)
+                await ws.send_json(dict(type="pause"))  # the answers to both come before "paused"
+                frames += await receive_until(ws, "paused", messages)
+                paused = await stats(session, camera_server)
+        last = still[-1][0][0]  # the last frame before the pan
+        assert [h[0] for h, _ in still + frames] == list(range(len(still) + len(frames)))
         corners = camera_corners(messages)
         assert corners[0] == (0, 0) and sorted(corners) == list(range(len(corners)))
         moves = [(corners[f][0] - corners[f - 1][0], corners[f][1] - corners[f - 1][1]) for f in range(1, len(corners))]
-        assert set(moves) <= {(0, 0), (2, -1)}
-        first = moves.index((2, -1))  # the pan applies from the next frame on and stays until changed
-        assert moves[first:] == [(2, -1)] * (len(moves) - first) and first <= 4
-        assert all(h[0] in corners for h, _ in frames)  # every frame has its camera, sent before it
-        panning = [(h, p) for h, p in frames if h[0] > first + 1]  # every frame of these moved by (2, -1)
+        # the pan applies from the first frame made after it and stays until changed (moves[f - 1] leads to frame f)
+        assert moves == [(0, 0)] * last + [(2, -1)] * (len(moves) - last), moves
+        assert all(h[0] in corners for h, _ in still + frames)  # every frame has its camera, sent before it
+        panning = [(h, p) for h, p in frames if h[0] > last + 1]  # every frame of these moved by (2, -1)
         error = streamed_pan_error(to_video(panning), [h[0] for h, _ in panning], corners)
         print(f"streamed pan error {error:.3f} px/frame over {len(panning) - 1} transitions")
         assert error <= PAN_ERROR_BOUND, f"the view does not follow the camera: {error:.2f} px/frame"
         errors = [m["message"] for m in messages if m["type"] == "error"]
         assert len(errors) == 2 and all("pan must be two whole numbers" in e for e in errors)
-        # the stream keeps generating while the stats request is in flight: its camera is the last one received,
-        # or further along the same commanded pan by whole frames
-        (x, y), (sx, sy) = corners[max(corners)], running["streams"][0]["camera"]
-        ahead = (sx - x) // 2
-        assert (sx, sy) == (x + 2 * ahead, y - ahead) and ahead >= 0, (corners[max(corners)], (sx, sy))
+        # paused: the stream's camera is the one of the last frame sent
+        assert tuple(paused["streams"][0]["camera"]) == corners[max(corners)] == corners[frames[-1][0][0]]
 
     run(scenario())
 
@@ -450,12 +531,14 @@ def test_browser_arrow_keys_and_wasd_pan_the_camera(camera_server):
             page.wait_for_function("window.demo.camera[1] <= -10", timeout=30_000)
             page.keyboard.up("w")
             page.wait_for_function("String(window.demo.pan) === '0,0'", timeout=30_000)
-            messages = page.evaluate("demo.messages")
-            recent = page.evaluate("demo.recent")
+            page.click("#pause")  # no frame follows "paused", and both lists are read at once
+            page.wait_for_function("window.demo.state === 'paused'", timeout=30_000)
+            messages, recent = page.evaluate("[demo.messages, demo.recent]")
             shown = page.inner_text("#camera")
         finally:
             browser.close()
     corners = camera_corners(messages)
+    assert [r["index"] for r in recent] == sorted(corners)[-len(recent):], "a drawn frame without its camera"
     # the pixels the page drew pan as the keys said: estimated from the canvas, against the cameras
     pixels = torch.stack([torch.tensor(r["rgba"], dtype=torch.uint8).view(r["height"], r["width"], 4)[..., :3]
                           for r in recent])  # [T, H, W, 3]

@@ -65,3 +65,17 @@ def test_vbench_eval_points_toy_users_to_toy_eval(capsys):
     with pytest.raises(SystemExit):
         vbench_eval.main(["--suite", "toy", "--ckpt", "x"])
     assert "toy_eval.py score" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["score", "--ckpt", "x", "--samples", "0"], "--samples must be at least 1"),
+    (["camera", "--ckpt", "x", "--samples", "-1"], "--samples must be at least 1"),
+    (["oracle", "--ckpt", "x", "--clips", "0"], "--clips must be at least 1"),
+    (["oracle", "--ckpt", "x", "--sigmas", "0.9,abc"], "--sigmas must be comma-separated noise levels in (0, 1]"),
+    (["oracle", "--ckpt", "x", "--sigmas", "1.5"], "--sigmas must be comma-separated noise levels in (0, 1]"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        toy_eval.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "Traceback" not in err, err
