@@ -2,6 +2,7 @@
 # make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite; the
 #             browser test needs Chromium (make browser) and is reported as SKIPPED with the reason without it
 # make browser — install Debian's chromium for the browser test (root, apt)
+# make compiler — install g++ for torch.compile on the CPU, the fast path (root, apt)
 # make serve — the live, steerable stream in the browser (serve.py) with the shipped toy 2-step student
 # make toy  — the whole toy pipeline from the shipped base: Stage 1 TF -> Stage 2 CD -> Stage 3 DMD (2-step),
 #             then ToyBench on held-out prompts and a few videos (re-running continues finished/stopped runs)
@@ -19,7 +20,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_PROMPTS := --prompt "a red circle moves left quickly" --prompt "a green square moves right slowly" \
                 --prompt "a blue triangle moves up quickly" --prompt "a magenta square bounces slowly"
 
-.PHONY: setup test demo serve browser toy ablation world-model world-model-chunkwise clean gpu-check
+.PHONY: setup test demo serve browser compiler toy ablation world-model world-model-chunkwise clean gpu-check
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -34,6 +35,9 @@ test: $(VENV)/.installed
 
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+compiler:
+	command -v g++ >/dev/null || (apt-get update && apt-get install -y g++)
 
 serve: $(VENV)/.installed
 	$(PYTHON) serve.py

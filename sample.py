@@ -484,6 +484,8 @@ def parse_args(argv=None):
     p.add_argument("--switch_mode", default="recache", choices=["recache", "cross_attn"],
                    help="prompt switch: re-cache the visible frames under the new prompt, or cross-attention only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager", action="store_true", help="run the readable eager forward instead of the fast path "
+                   "(model.fast_path: compiled blocks, CUDA graphs on a GPU; docs/performance.md)")
     p.add_argument("--image", help="I2V: this image is the first frame (clean context); frame-wise models only")
     p.add_argument("--out", default="samples", help="output directory")
     p.add_argument("--fps", type=int, help="frames per second of the mp4 (Wan 16, toy 8)")
@@ -546,6 +548,7 @@ def main(argv=None):
         prefix = codec.encode(image.to(codec_device)).to(device)  # [1, 1, C, h, w]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model.to(device=device, dtype=dtype).eval()
+    forward = M.fast_path(model, compile=False, cuda_graphs=False) if args.eager else M.fast_path(model)
     shape = (num_frames, cfg.in_dim, height // factor, width // factor)
 
     os.makedirs(args.out, exist_ok=True)
@@ -554,7 +557,7 @@ def main(argv=None):
     mode = how.describe()
     layout = ("block" if K > 1 else "frame") + "-wise" if cfg.causal else "whole clip at once"
     print(f"{info['path']} ({info['format']}{', EMA' if args.use_ema else ''}, {info['stage'] or info['kind']}): "
-          f"{mode}, {num_frames} latent frames, {layout}, {device}")
+          f"{mode}, {num_frames} latent frames, {layout}, {device}, {forward}")
     results = {}
     for prompt in prompts:
         name = f"{slug(prompt)}-{args.seed}"

@@ -76,6 +76,8 @@ class ServeConfig:
     max_streams: int = 1                  # concurrent streams; one more client gets a "busy" message
     max_fps: float = 0.0                  # cap the frame rate of each stream (0 = as fast as generated)
     seed: int = 0
+    fast_path: bool = True                # compiled blocks (+ CUDA graphs on a GPU), warmed up before serving;
+                                          # false = the eager forward (model.fast_path)
     default_prompt: str = "a red circle bounces slowly"
     jpeg_above: int = 128 * 128           # frames with more pixels than this go as JPEG, smaller ones as raw RGB
     jpeg_quality: int = 90
@@ -173,10 +175,26 @@ class Engine:
         self.first_block_steps = None if cfg.first_frame_steps == "none" else \
             M.warp_timesteps([float(s) for s in cfg.first_frame_steps.split(",")], cfg.shift)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.forward = M.fast_path(self.model) if cfg.fast_path else \
+            M.fast_path(self.model, compile=False, cuda_graphs=False)
+        self.warm_up_seconds = self.warm_up() if cfg.fast_path else 0.0
+
+    @torch.no_grad()
+    def warm_up(self):
+        """Roll a throwaway stream past its first eviction, so compilation (and CUDA graph capture) happen now and
+        not after the first client presses Start. Returns the seconds it took."""
+        start = time.perf_counter()
+        stream = self.new_stream(self.encode(self.cfg.default_prompt), seed=0)
+        for _ in range(self.window + 2 * self.model.cfg.frames_per_block):
+            stream.step({"pan": [0, 0]} if self.camera else None)
+        stream.close()
+        return time.perf_counter() - start
 
     def describe(self):
         c = self.model.cfg
+        warmed = f" (warmed up in {self.warm_up_seconds:.1f} s)" if self.warm_up_seconds else ""
         return (f"{self.info['path']} ({self.info['stage'] or 'unknown stage'}, {c.num_layers} layers x {c.dim}), "
+                f"{self.forward}{warmed}, "
                 f"{self.cfg.steps}-step, {self.width}x{self.height}, rolling cache {self.window} frames "
                 f"({self.sink_frames} sink), {self.device}" +
                 (", world-model mode: arrow keys / WASD pan the camera" if self.camera else ""))

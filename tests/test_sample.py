@@ -140,7 +140,7 @@ def test_multi_step_sampling_is_euler_with_cfg_on_the_shifted_grid(tiny_ckpt, tm
     u + w(c − u) against the negative prompt — exactly model.generate's Euler sampler, decoded by the codec."""
     prompt = "a red circle moves left quickly"
     video = run(tiny_ckpt, tmp_path / "multi", "--prompt", prompt, "--num_frames", "3", "--sample_steps", "3",
-                "--cfg", "2.5")[prompt]
+                "--cfg", "2.5", "--eager")[prompt]
     model = M.CausalWanModel(M.config_from_checkpoint(tiny_ckpt)).eval()
     M.load_weights(model, tiny_ckpt)
     text, codec = toyworld.ToyTextEncoder(), toyworld.ToyCodec()
@@ -150,8 +150,21 @@ def test_multi_step_sampling_is_euler_with_cfg_on_the_shifted_grid(tiny_ckpt, tm
         latents = M.generate(model, noise, text.encode([prompt]), steps=M.timestep_grid(3, 5.0).tolist(),
                              sampler="euler", uncond_context=text.encode([text.negative_prompt]), guidance_scale=2.5)
     assert torch.equal(video, codec.decode(latents)[0])  # the same calls in the same process: bit for bit
-    few_step = run(tiny_ckpt, tmp_path / "few", "--prompt", prompt, "--num_frames", "3")[prompt]
+    few_step = run(tiny_ckpt, tmp_path / "few", "--prompt", prompt, "--num_frames", "3", "--eager")[prompt]
     assert not torch.equal(video, few_step)
+
+
+@pytest.mark.skipif(not M.compiler_available() and os.environ.get("CI") != "true",
+                    reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
+def test_default_sampling_runs_the_fast_path_and_equals_eager(tiny_ckpt, tmp_path, capsys):
+    """sample.py's default forward is model.fast_path (compiled blocks on a CPU with a compiler); in fp32 it
+    equals --eager within 1e-5 relative (the compiled pieces reorder fp32 sums; tests/test_fast_path.py)."""
+    prompt = "a red circle moves left quickly"
+    fast = run(tiny_ckpt, tmp_path / "fast", "--prompt", prompt, "--num_frames", "4")[prompt]
+    assert "fast path: compiled blocks" in capsys.readouterr().out
+    eager = run(tiny_ckpt, tmp_path / "eager", "--prompt", prompt, "--num_frames", "4", "--eager")[prompt]
+    assert "eager forward" in capsys.readouterr().out
+    assert ((fast - eager).abs().max() / eager.abs().max()).item() <= 1e-5
 
 
 def test_official_pt_loads_its_ema_weights_with_the_architecture_from_wan_dir(tmp_path):
