@@ -611,7 +611,8 @@ def bench_page(args):
         from playwright.sync_api import sync_playwright
     except ImportError:
         raise SystemExit("bench.py page: error: playwright is not installed (pip install -r requirements.txt)") from None
-    proc, url = start_server(["--ckpt", args.ckpt] + (["--use_ema", "true"] if args.use_ema else []), args.threads)
+    proc, url = start_server(["--ckpt", args.ckpt] + (["--use_ema", "true"] if args.use_ema else [])
+                             + (["--fast_path", "false"] if args.eager else []), args.threads)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.browser, args=["--no-sandbox"])
@@ -755,6 +756,7 @@ if __name__ == "__main__":
     p.add_argument("--frames", type=int, default=600)
     p.add_argument("--use_ema", action="store_true", help="serve the EMA weights of a training checkpoint")
     p.add_argument("--hold_key", help="world-model mode: hold this key (e.g. ArrowRight) while measuring")
+    p.add_argument("--eager", action="store_true", help="serve with the eager forward (serve.py --fast_path false)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     p.add_argument("--browser", default="/usr/bin/chromium")
     p.add_argument("--json", default="bench_page.json")
