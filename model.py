@@ -19,6 +19,9 @@ four ways to run it, chosen by the arguments of `CausalWanModel.forward`:
 Every mode takes optional per-frame cameras (`cameras=`), injected through PRoPE as in the paper's
 action-conditioned world model (§3.3); without them the model is exactly Wan.
 
+The forward is also the fast path's: fast_path(model) compiles its token-local pieces and, on CUDA, replays cached
+calls from CUDA graphs, without a second copy of the maths (docs/performance.md).
+
 Below the network: the flow-matching helpers (σ = t/1000 exactly, x_t = (1-σ)x0 + σε, v = ε - x0),
 `Rollout` (one block per step(); an optional rolling KV cache for rollouts of any length; prompt switching)
 and `generate()` on top of it (the few-step frame-/chunk-wise rollout with the separate first-block step list
@@ -979,6 +982,10 @@ def fast_path(model, compile=None, cuda_graphs=None):
     cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     assert not cuda_graphs or device.type == "cuda", "CUDA graphs need the model on a CUDA device"
     if compile and not _COMPILED_PIECES:
+        # every model width, dtype, block size, camera/no camera and cache layout is its own compiled variant of a
+        # piece; a process that runs several models (the tests, bench.py) needs more than dynamo's default of 8
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for name, fn in _EAGER_PIECES.items():
             _COMPILED_PIECES[name] = torch.compile(fn, fullgraph=True)
     for block in model.blocks:

@@ -228,7 +228,8 @@ def test_sample_cli_rolls_past_the_trained_length_and_switches_prompts(tmp_path)
     import sample
     from helpers import tiny_frame_wise_checkpoint
     ckpt = tiny_frame_wise_checkpoint(tmp_path, num_frames=4)
-    common = ["--ckpt", ckpt, "--prompt", "a red circle bounces slowly", "--quiet", "--first_frame_steps", "none"]
+    common = ["--ckpt", ckpt, "--prompt", "a red circle bounces slowly", "--quiet", "--first_frame_steps", "none",
+              "--eager"]  # compared bit for bit with model.generate's eager forward below
     long = sample.main(common + ["--num_frames", "30", "--out", str(tmp_path / "long")])
     video = long["a red circle bounces slowly"]
     assert video.shape[0] == 30 and torch.isfinite(video).all()
