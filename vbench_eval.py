@@ -52,6 +52,7 @@ import time
 
 import torch
 
+import common
 import sample
 
 # -----------------------------------------------------------------------------
@@ -672,6 +673,9 @@ def vbench_suite(args):
     # ---- generation (this rank's shard; finished videos are skipped)
     videos_dir = os.path.join(out_dir, "videos")
     if args.ckpt:
+        problem = common.mp4_writer_problem()  # before any video is generated, so none is made and then lost
+        if problem:
+            raise VBenchError(problem)
         device_name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_name == "cuda" else \
             torch.device(device_name)

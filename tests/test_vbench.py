@@ -303,3 +303,13 @@ def test_vbench_command_run_parse_aggregate(tiny_ckpt, prompt_files, tmp_path, m
     assert written["total"] == summary["total"] and written["videos"] == 4 and written["timing"]["videos_timed"] == 4
     result = json.loads(next((out / "vbench_results" / "color").glob("*_eval_results.json")).read_text())
     assert len(result["color"][1]) == 4   # VBench saw exactly the suite's videos
+
+
+def test_no_mp4_writer_stops_before_generation_with_one_line(tiny_ckpt, prompt_files, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg -> ImportError
+    monkeypatch.setattr(vbench_eval, "load_vbench_generator", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(SystemExit) as error:
+        generate(tiny_ckpt, prompt_files[0], tmp_path / "out")
+    assert "imageio-ffmpeg" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out" / "videos").exists()
