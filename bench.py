@@ -600,17 +600,9 @@ def start_server(extra_args, threads):
     raise RuntimeError(f"serve.py did not start: {proc.stderr.read()[-2000:]}")
 
 
-def bench_page(args):
-    """End-to-end frames/s and first-frame latency as the page measures them, in headless Chromium."""
-    if args.frames < 2:
-        raise SystemExit(f"bench.py page: error: --frames must be at least 2 (frame intervals), got {args.frames}")
-    if not os.path.isfile(args.browser):
-        raise SystemExit(f"bench.py page: error: no browser at --browser {args.browser}; apt-get install chromium "
-                         f"(make browser) or pass the path of a Chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        raise SystemExit("bench.py page: error: playwright is not installed (pip install -r requirements.txt)") from None
+def page_run(args):
+    """One server start, one page, one Start: the page's own numbers (serve.py in a child process)."""
+    from playwright.sync_api import sync_playwright
     proc, url = start_server(["--ckpt", args.ckpt] + (["--use_ema", "true"] if args.use_ema else [])
                              + (["--fast_path", "false"] if args.eager else []), args.threads)
     try:
@@ -633,16 +625,43 @@ def bench_page(args):
                                       "lastIndex: demo.lastIndex, arrivals: demo.arrivals})")
             finally:
                 browser.close()
-        arrivals = stats.pop("arrivals")
     finally:
         proc.send_signal(__import__("signal").SIGINT)
         proc.wait(timeout=30)
-    intervals = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    result = dict(stats, median_interval_ms=_median(intervals), server_threads=args.threads, ckpt=args.ckpt,
-                  hold_key=args.hold_key)
-    print(f"\npage ({args.threads} server threads): {stats['frames']} frames, {stats['fps']:.1f} frames/s over the "
-          f"last 60 frames (page's own counter), first frame {stats['firstFrameMs']:.0f} ms after Start, median "
-          f"frame interval {result['median_interval_ms']:.1f} ms")
+    arrivals = stats.pop("arrivals")
+    return dict(stats, median_interval_ms=_median([b - a for a, b in zip(arrivals, arrivals[1:])]))
+
+
+def bench_page(args):
+    """End-to-end frames/s and first-frame latency as the page measures them, in headless Chromium; --repeats
+    starts the server and the page afresh each time and prints the spread."""
+    if args.frames < 2:
+        raise SystemExit(f"bench.py page: error: --frames must be at least 2 (frame intervals), got {args.frames}")
+    if args.repeats < 1:
+        raise SystemExit(f"bench.py page: error: --repeats must be at least 1, got {args.repeats}")
+    if not os.path.isfile(args.browser):
+        raise SystemExit(f"bench.py page: error: no browser at --browser {args.browser}; apt-get install chromium "
+                         f"(make browser) or pass the path of a Chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.py page: error: playwright is not installed (pip install -r requirements.txt)") from None
+    runs = []
+    for k in range(args.repeats):
+        run = page_run(args)
+        runs.append(run)
+        print(f"page run {k + 1}/{args.repeats} ({args.threads} server threads): {run['frames']} frames, "
+              f"{run['fps']:.1f} frames/s over the last 60 frames (page's own counter), first frame "
+              f"{run['firstFrameMs']:.0f} ms after Start, median frame interval {run['median_interval_ms']:.1f} ms",
+              flush=True)
+    first, fps = sorted(r["firstFrameMs"] for r in runs), sorted(r["fps"] for r in runs)
+    result = dict(runs=runs, server_threads=args.threads, ckpt=args.ckpt, hold_key=args.hold_key,
+                  first_frame_ms=dict(min=first[0], median=_median(first), max=first[-1]),
+                  fps=dict(min=fps[0], median=_median(fps), max=fps[-1]))
+    if args.repeats > 1:
+        print(f"\npage, {args.repeats} runs: frames/s {fps[0]:.1f} / {_median(fps):.1f} / {fps[-1]:.1f} (min / "
+              f"median / max); first frame {first[0]:.0f} / {_median(first):.0f} / {first[-1]:.0f} ms; "
+              f"{sum(f <= 100 for f in first)} of {len(first)} first frames within 100 ms")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
@@ -758,6 +777,7 @@ if __name__ == "__main__":
     p.add_argument("--hold_key", help="world-model mode: hold this key (e.g. ArrowRight) while measuring")
     p.add_argument("--eager", action="store_true", help="serve with the eager forward (serve.py --fast_path false)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--repeats", type=int, default=1, help="fresh server + page runs; prints min/median/max")
     p.add_argument("--browser", default="/usr/bin/chromium")
     p.add_argument("--json", default="bench_page.json")
     p = sub.add_parser("prompt-switch", help="live stream: cross-attention switch vs KV re-cache on the toy")

@@ -144,8 +144,9 @@ def build(variant, run_dir):
 
 
 @torch.no_grad()
-def judge(net, clips=32, samples_per_direction=8, sigmas=(0.97, 0.9)):
-    """-> dict(direction, gap {σ: model flipped − true}, exact_gap {σ: ...}) on fresh seeds."""
+def transport_gap(net, clips=32, sigmas=(0.97, 0.9)):
+    """toy_eval.oracle_gap on fresh rung-1 clips: per σ the model's loss, its flipped − true gap, and the exact
+    denoiser's gap (direction open over the four − given)."""
     text, codec = TW.ToyTextEncoder(), TW.ToyCodec()
     pixels, prompts = rung1_batch("judge", 0, clips)
     objs = [TW.parse_prompt(p)[0] for p in prompts]
@@ -154,10 +155,16 @@ def judge(net, clips=32, samples_per_direction=8, sigmas=(0.97, 0.9)):
         motions = DIRECTIONS if open_direction else (objs[i]["motion"],)
         return codec.encode(torch.cat([TW.candidate_clips(dict(objs[i], motion=m)) for m in motions])).flatten(1)
 
-    rows = toy_eval.oracle_gap(net, text, codec.encode(pixels), prompts, candidates, list(sigmas), seed=1)
-    sample_prompts = [TW.make_prompt([rung1_object(d)]) for d in DIRECTIONS for _ in range(samples_per_direction)]
-    videos = toy_eval.sample_toy(net, sample_prompts, seed=50_000, sample_steps=40, guidance_scale=3.0)
-    direction = sum(TW.score_video(v, p)["direction"] for v, p in zip(videos, sample_prompts)) / len(sample_prompts)
+    return toy_eval.oracle_gap(net, text, codec.encode(pixels), prompts, candidates, list(sigmas), seed=1)
+
+
+@torch.no_grad()
+def judge(net, samples_per_direction=8, sigmas=(0.97, 0.9)):
+    """-> (dict(direction, gap {σ: model flipped − true}, exact_gap, loss), one sample video per direction)."""
+    rows = transport_gap(net, sigmas=sigmas)
+    prompts = [TW.make_prompt([rung1_object(d)]) for d in DIRECTIONS for _ in range(samples_per_direction)]
+    videos = toy_eval.sample_toy(net, prompts, seed=50_000, sample_steps=40, guidance_scale=3.0)
+    direction = sum(TW.score_video(v, p)["direction"] for v, p in zip(videos, prompts)) / len(prompts)
     return dict(direction=direction, gap={str(s): rows[s]["direction_model"] for s in sigmas},
                 exact_gap={str(s): rows[s]["direction_exact"] for s in sigmas},
                 loss={str(s): rows[s]["model"] for s in sigmas}), videos[::samples_per_direction]

@@ -552,3 +552,21 @@ def test_browser_arrow_keys_and_wasd_pan_the_camera(camera_server):
     assert shown.replace(" ", "") != "-"
     errors = [m for m in messages if m["type"] == "error"]
     assert not errors, errors
+
+
+def test_bench_page_repeats_start_a_fresh_server_and_page_each_time(tmp_path):
+    """bench.py page --repeats: every run's page figures and their spread in the JSON (no timing is asserted)."""
+    browser_path = browser_or_skip()
+    out = tmp_path / "page.json"
+    result = subprocess.run([sys.executable, "bench.py", "page", "--frames", "3", "--repeats", "2", "--threads", "1",
+                             "--browser", browser_path, "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 2 and all(r["frames"] >= 3 and r["firstFrameMs"] > 0 for r in report["runs"])
+    first = sorted(r["firstFrameMs"] for r in report["runs"])
+    assert (report["first_frame_ms"]["min"], report["first_frame_ms"]["max"]) == (first[0], first[-1])
+    assert "page, 2 runs:" in result.stdout and "first frames within 100 ms" in result.stdout
+    bad = subprocess.run([sys.executable, "bench.py", "page", "--repeats", "0", "--browser", browser_path],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--repeats must be at least 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,89 @@
+"""The toy-direction ladder tool (experiments/toy_direction_ladder.py): variants, the rung-1 world, resumable
+training, the transport-gap judge and the table."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import toy_direction_ladder as L  # noqa: E402
+import toyworld as TW  # noqa: E402
+
+
+def test_variants_change_one_factor_and_combine_with_plus():
+    base_cfg, base_train = L.resolve_variant("baseline")
+    assert (base_cfg.rope_theta, base_cfg.num_heads, base_cfg.patch_size) == (10000.0, 2, (1, 2, 2))
+    assert base_cfg.causal is False and base_train == L.TRAIN_DEFAULTS
+    cfg, train = L.resolve_variant("theta100+heads4+highsigma4")
+    assert (cfg.rope_theta, cfg.num_heads, cfg.dim) == (100.0, 4, base_cfg.dim)
+    assert train["high_sigma_weight"] == 4.0 and train["lr"] == base_train["lr"]
+    with pytest.raises(SystemExit, match="unknown variant 'theta7'"):
+        L.resolve_variant("theta100+theta7")
+
+
+def test_rung1_world_prompts_differ_only_in_direction_and_clips_follow_them():
+    clips, prompts = L.rung1_batch("test", 0, 12)
+    again, _ = L.rung1_batch("test", 0, 12)
+    assert torch.equal(clips, again)
+    assert {p.replace(p.split()[4], "DIR") for p in prompts} == {"a magenta circle moves DIR quickly"}
+    assert len({p.split()[4] for p in prompts}) > 1
+    for clip, prompt in zip(clips, prompts):   # the renderer's ground truth scores full direction
+        assert TW.score_video(clip, prompt)["direction"] == 1.0, prompt
+
+
+def test_training_resumes_bit_exactly(tmp_path):
+    torch.set_num_threads(1)
+
+    def run(run_dir, steps):
+        run_dir.mkdir(exist_ok=True)
+        model, ema, opt, _, train, state = L.build("baseline", run_dir)
+        text, codec, dist = TW.ToyTextEncoder(), TW.ToyCodec(), L.common.Dist()
+        negative, grid = text.encode([text.negative_prompt]), L.M.timestep_grid(1000, train["timestep_shift"])
+        train = dict(train, batch_size=2)
+        for step in range(state["step"], steps):
+            L.train_step(model, opt, ema, step, train, text, negative, codec, grid, dist)
+        L.save_state(Path(run_dir) / "state.pt", dict(variant="baseline", model=model.state_dict(),
+                                                      ema=ema.state_dict(), optimizer=opt.state_dict(),
+                                                      step=steps, train_seconds=0.0))
+        return model, ema
+
+    straight, straight_ema = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    resumed, resumed_ema = run(tmp_path / "b", 2)
+    for a, b in zip(list(straight.parameters()) + list(straight_ema.parameters()),
+                    list(resumed.parameters()) + list(resumed_ema.parameters())):
+        assert torch.equal(a, b)
+    with pytest.raises(AssertionError, match="is variant 'baseline', not 'theta100'"):
+        L.build("theta100", tmp_path / "a")
+
+
+class Zero(torch.nn.Module):
+    """v̂ = 0 whatever the prompt: its direction gap is exactly 0."""
+
+    def forward(self, x, t, context, causal=False):
+        return torch.zeros_like(x)
+
+
+def test_transport_gap_of_a_prompt_blind_model_is_zero_and_the_exact_denoisers_is_not():
+    rows = L.transport_gap(Zero(), clips=4, sigmas=(0.97,))
+    row = rows[0.97]
+    assert row["direction_model"] == 0.0
+    # the exact denoiser gains from the direction word: the four directions' start positions do not overlap
+    # (toyworld places a left-moving object on the right, ...), so knowing the word narrows the candidates 4x
+    assert row["exact_open"] > 1.2 * row["exact"], row
+    assert row["exact"] < row["exact_open"] < row["model"]
+
+
+def test_table_lists_each_judged_row_with_its_speed():
+    rows = [dict(kind="speed", variant="theta100", sec_per_step=1.2),
+            dict(kind="judge", variant="theta100", steps=800, idle_minutes=16.0, loss={"0.97": 0.1},
+                 gap={"0.97": 0.01, "0.9": 0.02}, exact_gap={"0.97": 0.2, "0.9": 0.15}, direction=0.5, verdict="FAIL"),
+            dict(kind="judge", variant="patch1", steps=10, idle_minutes=None, loss={"0.97": 0.3},
+                 gap={"0.97": 0.0, "0.9": 0.0}, exact_gap={"0.97": 0.2, "0.9": 0.15}, direction=0.0,
+                 verdict="no speed row")]
+    table = L.format_table(rows).splitlines()
+    assert len(table) == 4
+    assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | FAIL |"
+    assert table[3].startswith("| patch1 | — | 10 | — |") and table[3].endswith("| no speed row |")
