@@ -76,14 +76,16 @@ def test_transport_gap_of_a_prompt_blind_model_is_zero_and_the_exact_denoisers_i
     assert row["exact"] < row["exact_open"] < row["model"]
 
 
-def test_table_lists_each_judged_row_with_its_speed():
+def test_table_lists_each_judged_row_with_its_speed_and_verdict():
+    def judged(variant, steps, minutes, direction):
+        return dict(kind="judge", variant=variant, steps=steps, idle_minutes=minutes, loss={"0.97": 0.1},
+                    gap={"0.97": 0.01, "0.9": 0.02}, exact_gap={"0.97": 0.2, "0.9": 0.15}, direction=direction)
     rows = [dict(kind="speed", variant="theta100", sec_per_step=1.2),
-            dict(kind="judge", variant="theta100", steps=800, idle_minutes=16.0, loss={"0.97": 0.1},
-                 gap={"0.97": 0.01, "0.9": 0.02}, exact_gap={"0.97": 0.2, "0.9": 0.15}, direction=0.5, verdict="FAIL"),
-            dict(kind="judge", variant="patch1", steps=10, idle_minutes=None, loss={"0.97": 0.3},
-                 gap={"0.97": 0.0, "0.9": 0.0}, exact_gap={"0.97": 0.2, "0.9": 0.15}, direction=0.0,
-                 verdict="no speed row")]
+            judged("theta100", 800, 16.0, 0.5), judged("theta100", 1450, 29.0, 0.5),
+            judged("theta100", 1000, 20.0, 0.95), judged("theta100", 1600, 32.0, 0.95),
+            judged("patch1", 10, None, 0.0)]
     table = L.format_table(rows).splitlines()
-    assert len(table) == 4
-    assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | FAIL |"
-    assert table[3].startswith("| patch1 | — | 10 | — |") and table[3].endswith("| no speed row |")
+    assert len(table) == 7
+    assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | running |"
+    assert [line.rsplit("|", 2)[1].strip() for line in table[3:]] == ["FAIL", "PASS", "over budget", "no speed row"]
+    assert table[6].startswith("| patch1 | — | 10 | — |")
