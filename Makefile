@@ -1,4 +1,6 @@
-# make demo — set up .venv, sample four held-out toy prompts with the shipped 2-step model, print ToyBench
+# make demo — set up .venv; the shipped teacher (40-step base) against the shipped 1/2/4-step students on the 23
+#             held-out toy prompts (ToyBench, seconds, samples/demo/compare.png); then four prompts as mp4 with
+#             the 2-step student
 # make test — set up .venv (CPU torch wheel if no torch is importable) and run the CPU test suite; the
 #             browser test needs Chromium (make browser) and is reported as SKIPPED with the reason without it
 # make browser — install Debian's chromium for the browser test (root, apt)
@@ -43,6 +45,8 @@ serve: $(VENV)/.installed
 	$(PYTHON) serve.py
 
 demo: $(VENV)/.installed
+	mkdir -p samples/demo
+	$(PYTHON) toy_eval.py compare --png samples/demo/compare.png --json samples/demo/compare.json
 	$(PYTHON) sample.py $(DEMO_PROMPTS) --out samples/demo --score
 
 toy: $(VENV)/.installed

@@ -115,6 +115,45 @@ def score_checkpoint(args):
     return scores
 
 
+# the shipped toy models, teacher first: what `make demo` compares (name, checkpoint, steps per frame)
+SHIPPED = (("teacher: bidirectional base", "checkpoints/toy/base", None),
+           ("Stage 3 student, 1 step", "checkpoints/toy/dmd_1step", 1),
+           ("Stage 3 student, 2 steps", "checkpoints/toy/dmd_2step", 2),
+           ("Stage 3 student, 4 steps", "checkpoints/toy/dmd_4step", 4))
+
+
+def compare_shipped(args):
+    """The teacher against the 1/2/4-step students on the same held-out prompts and noise: ToyBench, seconds,
+    and a strip with one row per model for each of the first prompts."""
+    import toyworld
+    prompts = heldout_prompts(args.samples)[:args.prompts * args.samples]
+    rows, strips, seconds = {}, [], {}
+    for name, ckpt, steps in SHIPPED:
+        model, info = sample.load_for_inference(ckpt, use_ema=False, wan_dir="toy")
+        how = sample.choose_sampling(info, steps, None, cfg=args.cfg)
+        start = time.time()
+        videos = sample_toy(model, prompts, seed=args.seed, how=how)
+        label = f"{name} ({how.describe()})"
+        seconds[label] = time.time() - start
+        rows[label] = toyworld.score(videos, prompts)
+        strips.append(videos[::args.samples][:4])
+    toyworld.print_table(rows)
+    for label, s in seconds.items():
+        print(f"{label}: {len(prompts)} videos in {s:.1f} s")
+    print(f"{len(set(prompts))} held-out prompts x {args.samples}, the same noise for every model")
+    if args.png:
+        grid = torch.stack([strip[i] for i in range(len(strips[0])) for strip in strips])  # prompt-major
+        common.save_png_grid(grid, args.png, scale=2)
+        print(f"wrote {args.png}: for each of the first {len(strips[0])} prompts, one row per model "
+              f"({', '.join(name for name, _, _ in SHIPPED)})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({label: {"seconds": seconds[label], **{k: v for k, v in r.items() if k != "per_video"}}
+                       for label, r in rows.items()}, f, indent=2)
+        print(f"wrote {args.json}")
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # the camera world: action following, objects, revisit consistency (paper §3.3)
 
@@ -385,6 +424,16 @@ def parse_args(argv=None):
     p.add_argument("--name", help="row name in the table")
     p.add_argument("--png", help="write a strip of one video per prompt (first 8)")
     p.add_argument("--json", help="write the scores to this file")
+    p = sub.add_parser("compare", help="the shipped teacher against the shipped 1/2/4-step students (make demo)",
+                       description="The shipped bidirectional base (the teacher, 40-step Euler with CFG) and the "
+                       "shipped Stage-3 students at 1, 2 and 4 steps per frame, on the same held-out prompts and "
+                       "noise: ToyBench per model, sampling seconds, and a PNG strip.")
+    p.add_argument("--samples", type=int, default=1, help="videos per held-out prompt")
+    p.add_argument("--prompts", type=int, default=23, help="the first N of the 23 held-out prompts")
+    p.add_argument("--cfg", type=float, default=sample.Sampling.cfg, help="CFG weight of the teacher's sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", help="write the strip here")
+    p.add_argument("--json", help="write the scores to this file")
     p = sub.add_parser("ablation", help="Table 2 in miniature: Stage 3 from each Stage-2 initialisation",
                        description="Stage 3 (configs/toy/dmd_{n}step.yaml) from the Stage-1 model, the causal-ODE "
                        "and the causal-CD students; runs are reused when finished, then every EMA generator is scored.")
@@ -415,6 +464,8 @@ def parse_args(argv=None):
     error = sub.choices[args.command].error  # one line under the subcommand's usage, exit code 2
     if getattr(args, "samples", 1) < 1:
         error(f"--samples must be at least 1 (videos per held-out prompt), got {args.samples}")
+    if args.command == "compare" and not 1 <= args.prompts <= 23:
+        error(f"--prompts must be in [1, 23] (the held-out prompts), got {args.prompts}")
     if args.command == "oracle":
         if args.clips < 1:
             error(f"--clips must be at least 1, got {args.clips}")
@@ -430,7 +481,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return {"score": score_checkpoint, "ablation": ablation, "oracle": oracle_checkpoint,
+        return {"score": score_checkpoint, "compare": compare_shipped, "ablation": ablation, "oracle": oracle_checkpoint,
                 "camera": camera_checkpoint}[args.command](args)
     except sample.SampleError as e:
         raise SystemExit(f"toy_eval.py: error: {e}") from None

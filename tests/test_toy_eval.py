@@ -61,6 +61,20 @@ def test_score_refuses_a_frame_wise_rollout_of_a_bidirectional_model(checkpoints
     assert "\n" not in str(error.value)
 
 
+def test_compare_puts_the_shipped_teacher_beside_the_shipped_students(tmp_path):
+    """make demo's table: the same prompts and noise through each shipped model, sampled the way it is made for."""
+    import imageio.v3 as iio
+    out, png = tmp_path / "compare.json", tmp_path / "compare.png"
+    rows = toy_eval.main(["compare", "--prompts", "2", "--json", str(out), "--png", str(png)])
+    written = json.loads(out.read_text())
+    assert list(written) == list(rows) and len(rows) == 4
+    assert [label.split(" (")[1] for label in rows] == [
+        "40-step Euler, CFG 3)", "1-step, first block 1000,750,500,250)", "2-step, first block 1000,750,500,250)",
+        "4-step, first block 1000,750,500,250)"]
+    assert all(len(r["per_video"]) == 2 and 0.0 <= r["total"] <= 1.0 for r in rows.values())
+    assert iio.imread(png).shape[:2] == (4 * 2 * 64, 12 * 64)  # 2 prompts x 4 models rows, 12 frames, scale 2
+
+
 def test_vbench_eval_points_toy_users_to_toy_eval(capsys):
     with pytest.raises(SystemExit):
         vbench_eval.main(["--suite", "toy", "--ckpt", "x"])
@@ -71,6 +85,7 @@ def test_vbench_eval_points_toy_users_to_toy_eval(capsys):
     (["score", "--ckpt", "x", "--samples", "0"], "--samples must be at least 1"),
     (["camera", "--ckpt", "x", "--samples", "-1"], "--samples must be at least 1"),
     (["oracle", "--ckpt", "x", "--clips", "0"], "--clips must be at least 1"),
+    (["compare", "--prompts", "0"], "--prompts must be in [1, 23]"),
     (["oracle", "--ckpt", "x", "--sigmas", "0.9,abc"], "--sigmas must be comma-separated noise levels in (0, 1]"),
     (["oracle", "--ckpt", "x", "--sigmas", "1.5"], "--sigmas must be comma-separated noise levels in (0, 1]"),
 ])
