@@ -9,6 +9,7 @@ hyperparameter of the `toy` preset (names join with "+" to combine them: theta10
   python experiments/toy_direction_ladder.py speed --variant theta100            # idle s/step -> the 30-min step budget
   python experiments/toy_direction_ladder.py rung1 --variant theta100 --max_steps 1600   # train (resumable), judge
   python experiments/toy_direction_ladder.py judge --variant theta100            # judge the latest weights again
+  python experiments/toy_direction_ladder.py stop --variant theta100 --why "no early signal"   # stopped early
   python experiments/toy_direction_ladder.py table                               # the ladder table (markdown)
 
 Every row goes to experiments/toy_direction_ladder.jsonl. The judge has two parts:
@@ -91,6 +92,11 @@ def rung1_batch(tag, first, n):
 # training (the Stage-1 bidirectional loss of stage1_teacher_forcing.py, with clips drawn on the fly)
 
 
+def loss_weights(t, high_sigma_weight):
+    """Per-frame loss weight: high_sigma_weight where σ = t/1000 >= 0.9 (where the direction is decided), else 1."""
+    return torch.where(t >= 900.0, high_sigma_weight, 1.0)
+
+
 def train_step(model, optimizer, ema, step, train, text, negative, codec, grid, dist_ctx):
     x0_pixels, prompts = rung1_batch("train", step * train["batch_size"], train["batch_size"])
     x0 = codec.encode(x0_pixels)                                                # [B, F, C, H, W]
@@ -101,7 +107,7 @@ def train_step(model, optimizer, ema, step, train, text, negative, codec, grid, 
         noise.append(torch.randn(x0.shape[1:], generator=g))
         drop.append(bool(torch.rand((), generator=g) < train["text_dropout"]))
     noise, t = torch.stack(noise), torch.stack(t)                              # [B, F, C, H, W], [B, F]
-    weight = torch.where(t >= 900.0, train["high_sigma_weight"], 1.0)          # [B, F]
+    weight = loss_weights(t, train["high_sigma_weight"])                       # [B, F]
     context = torch.where(torch.tensor(drop)[:, None, None], negative, text.encode(prompts))
     lr = train["lr"] * min(1.0, (step + 1) / train["warmup_steps"])
     for group in optimizer.param_groups:
@@ -285,19 +291,34 @@ def cmd_judge(args):
     judge_and_record(args.variant, ema, state, run_dir, args.threads)
 
 
+def cmd_stop(args):
+    """Record that a run was stopped before its budget, and why (the table shows it instead of "running")."""
+    judged = [r for r in ledger_rows() if r["kind"] == "judge" and r["variant"] == args.variant]
+    assert judged, f"no judged row of {args.variant!r} in {LEDGER}"
+    append_row(dict(kind="stopped", variant=args.variant, steps=judged[-1]["steps"], why=args.why,
+                    date=time.strftime("%Y-%m-%d")))
+    print(f"{args.variant}: stopped at step {judged[-1]['steps']}: {args.why}")
+
+
 def format_table(rows):
     speeds = {r["variant"]: r for r in rows if r["kind"] == "speed"}
+    stopped = {(r["variant"], r["steps"]): r["why"] for r in rows if r["kind"] == "stopped"}
     out = ["| variant | s/step (2 cores, idle) | steps | idle minutes | loss σ 0.97 | gap σ 0.97 / 0.9 (exact) | "
            "direction | verdict |", "|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["kind"] == "judge"):
+    judged = [r for r in rows if r["kind"] == "judge"]
+    first_seen = {v: i for i, v in reversed(list(enumerate(r["variant"] for r in judged)))}
+    for r in sorted(judged, key=lambda r: (first_seen[r["variant"]], r["steps"])):   # by variant, then steps
         speed = speeds.get(r["variant"])
+        verdict = verdict_of(r)
+        if verdict == "running" and (r["variant"], r["steps"]) in stopped:
+            verdict = f"stopped: {stopped[r['variant'], r['steps']]}"
         minutes = "—" if r["idle_minutes"] is None else f"{r['idle_minutes']:.0f}"
         out.append(f"| {r['variant']} | {speed['sec_per_step']:.2f} | {r['steps']} | {minutes} | "
                    f"{r['loss']['0.97']:.4f} | {r['gap']['0.97']:+.4f} / {r['gap']['0.9']:+.4f} "
                    f"({r['exact_gap']['0.97']:+.3f} / {r['exact_gap']['0.9']:+.3f}) | {100 * r['direction']:.1f} | "
-                   f"{verdict_of(r)} |" if speed else
+                   f"{verdict} |" if speed else
                    f"| {r['variant']} | — | {r['steps']} | {minutes} | {r['loss']['0.97']:.4f} | "
-                   f"{r['gap']['0.97']:+.4f} / {r['gap']['0.9']:+.4f} | {100 * r['direction']:.1f} | {verdict_of(r)} |")
+                   f"{r['gap']['0.97']:+.4f} / {r['gap']['0.9']:+.4f} | {100 * r['direction']:.1f} | {verdict} |")
     return "\n".join(out)
 
 
@@ -314,16 +335,19 @@ def parse_args(argv=None):
     sub.choices["rung1"].add_argument("--max_steps", type=int, required=True)
     sub.choices["rung1"].add_argument("--save_every", type=int, default=50)
     sub.choices["rung1"].add_argument("--judge_every", type=int, default=400)
+    stop = sub.add_parser("stop", help="record that a run was stopped before its budget")
+    stop.add_argument("--variant", required=True)
+    stop.add_argument("--why", required=True)
     sub.add_parser("table")
     args = p.parse_args(argv)
-    if args.cmd != "table":
+    if args.cmd not in ("table", "stop"):
         resolve_variant(args.variant)   # an unknown name is a one-line error before any work
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    {"speed": cmd_speed, "rung1": cmd_rung1, "judge": cmd_judge,
+    {"speed": cmd_speed, "rung1": cmd_rung1, "judge": cmd_judge, "stop": cmd_stop,
      "table": lambda a: print(format_table(ledger_rows()))}[args.cmd](args)
 
 

@@ -23,6 +23,12 @@ def test_variants_change_one_factor_and_combine_with_plus():
         L.resolve_variant("theta100+theta7")
 
 
+def test_high_sigma_weight_applies_from_sigma_0_9():
+    t = torch.tensor([[1000.0, 900.0, 899.9, 100.0]])
+    assert L.loss_weights(t, 4.0).tolist() == [[4.0, 4.0, 1.0, 1.0]]
+    assert L.loss_weights(t, 1.0).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
 def test_rung1_world_prompts_differ_only_in_direction_and_clips_follow_them():
     clips, prompts = L.rung1_batch("test", 0, 12)
     again, _ = L.rung1_batch("test", 0, 12)
@@ -83,9 +89,10 @@ def test_table_lists_each_judged_row_with_its_speed_and_verdict():
     rows = [dict(kind="speed", variant="theta100", sec_per_step=1.2),
             judged("theta100", 800, 16.0, 0.5), judged("theta100", 1450, 29.0, 0.5),
             judged("theta100", 1000, 20.0, 0.95), judged("theta100", 1600, 32.0, 0.95),
-            judged("patch1", 10, None, 0.0)]
+            judged("patch1", 10, None, 0.0), judged("heads4", 400, 10.0, 0.1),
+            dict(kind="stopped", variant="heads4", steps=400, why="no early signal")]
     table = L.format_table(rows).splitlines()
-    assert len(table) == 7
+    assert len(table) == 8 and table[7].endswith("| stopped: no early signal |")
     assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | running |"
-    assert [line.rsplit("|", 2)[1].strip() for line in table[3:]] == ["FAIL", "PASS", "over budget", "no speed row"]
+    assert [line.rsplit("|", 2)[1].strip() for line in table[3:7]] == ["FAIL", "PASS", "over budget", "no speed row"]
     assert table[6].startswith("| patch1 | — | 10 | — |")
