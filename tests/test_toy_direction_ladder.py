@@ -94,5 +94,5 @@ def test_table_lists_each_judged_row_with_its_speed_and_verdict():
     table = L.format_table(rows).splitlines()
     assert len(table) == 8 and table[7].endswith("| stopped: no early signal |")
     assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | running |"
-    assert [line.rsplit("|", 2)[1].strip() for line in table[3:7]] == ["FAIL", "PASS", "over budget", "no speed row"]
+    assert [line.rsplit("|", 2)[1].strip() for line in table[3:7]] == ["PASS", "FAIL", "over budget", "no speed row"]
     assert table[6].startswith("| patch1 | — | 10 | — |")
