@@ -9,6 +9,7 @@ hyperparameter of the `toy` preset (names join with "+" to combine them: theta10
   python experiments/toy_direction_ladder.py speed --variant theta100            # idle s/step -> the 30-min step budget
   python experiments/toy_direction_ladder.py rung1 --variant theta100 --max_steps 1600   # train (resumable), judge
   python experiments/toy_direction_ladder.py judge --variant theta100            # judge the latest weights again
+  python experiments/toy_direction_ladder.py sigma1 --variant theta100           # what the word is worth at σ = 1
   python experiments/toy_direction_ladder.py stop --variant theta100 --why "no early signal"   # stopped early
   python experiments/toy_direction_ladder.py table                               # the ladder table (markdown)
 
@@ -52,9 +53,12 @@ VARIANTS = {
     "heads8": dict(model=dict(num_heads=8)),               # head width 16
     "width256": dict(model=dict(dim=256, ffn_dim=1024)),   # 2 heads of 128
     "highsigma4": dict(train=dict(high_sigma_weight=4.0)),  # 4x loss weight where σ >= 0.9 (direction is set there)
+    # half the clips draw σ per frame, so a noisy frame sits next to cleaner ones and the word says where, relative
+    # to them, the object is (a relation RoPE can express; the σ = 1 prior needs absolute positions, see sigma1)
+    "perframe": dict(train=dict(per_frame_noise=0.5)),
 }
 TRAIN_DEFAULTS = dict(batch_size=16, lr=1e-3, betas=(0.9, 0.99), warmup_steps=200, grad_clip=1.0, ema_decay=0.999,
-                      text_dropout=0.1, timestep_shift=5.0, high_sigma_weight=1.0)
+                      text_dropout=0.1, timestep_shift=5.0, high_sigma_weight=1.0, per_frame_noise=0.0)
 
 
 def resolve_variant(name):
@@ -97,18 +101,25 @@ def loss_weights(t, high_sigma_weight):
     return torch.where(t >= 900.0, high_sigma_weight, 1.0)
 
 
+def draw_noise(step, shape, grid, train):
+    """Step `step`'s draws for a batch of latents `shape` [B, F, C, H, W], clip i from its own seed -> noise [B, F,
+    C, H, W], t [B, F] (one σ per clip, or per frame with probability train["per_frame_noise"]), text dropped [B]."""
+    noise, t, drop = [], [], []
+    for i in range(shape[0]):
+        g = torch.Generator().manual_seed(1_000_003 * step + i)
+        t.append(stage1.sample_timesteps(g, shape[1], grid, causal=False, frames_per_block=1,
+                                         per_frame_noise=train["per_frame_noise"])[0])
+        noise.append(torch.randn(shape[1:], generator=g))
+        drop.append(bool(torch.rand((), generator=g) < train["text_dropout"]))
+    return torch.stack(noise), torch.stack(t), torch.tensor(drop)
+
+
 def train_step(model, optimizer, ema, step, train, text, negative, codec, grid, dist_ctx):
     x0_pixels, prompts = rung1_batch("train", step * train["batch_size"], train["batch_size"])
     x0 = codec.encode(x0_pixels)                                                # [B, F, C, H, W]
-    noise, t, drop = [], [], []
-    for i in range(len(prompts)):
-        g = torch.Generator().manual_seed(1_000_003 * step + i)
-        t.append(stage1.sample_timesteps(g, x0.shape[1], grid, causal=False, frames_per_block=1, per_frame_noise=0)[0])
-        noise.append(torch.randn(x0.shape[1:], generator=g))
-        drop.append(bool(torch.rand((), generator=g) < train["text_dropout"]))
-    noise, t = torch.stack(noise), torch.stack(t)                              # [B, F, C, H, W], [B, F]
+    noise, t, drop = draw_noise(step, x0.shape, grid, train)                   # [B, F, C, H, W], [B, F], [B]
     weight = loss_weights(t, train["high_sigma_weight"])                       # [B, F]
-    context = torch.where(torch.tensor(drop)[:, None, None], negative, text.encode(prompts))
+    context = torch.where(drop[:, None, None], negative, text.encode(prompts))
     lr = train["lr"] * min(1.0, (step + 1) / train["warmup_steps"])
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -175,6 +186,57 @@ def judge(net, samples_per_direction=8, sigmas=(0.97, 0.9)):
     return dict(direction=direction, gap={str(s): rows[s]["direction_model"] for s in sigmas},
                 exact_gap={str(s): rows[s]["direction_exact"] for s in sigmas},
                 loss={str(s): rows[s]["model"] for s in sigmas}), videos[::samples_per_direction]
+
+
+@torch.no_grad()
+def sigma1_probe(net, clips=32):
+    """What the word is worth at σ = 1, where x_t is pure noise and the best a model can predict is the mean
+    clip of the prompt. -> dict(loss: {"exact", "exact_open", "constant", "model", "model_flipped"}: flow-matching
+    losses on the same fresh clips and noise; centroids: {direction: {"exact" | "model": [(x, y) per frame]}}, the centre
+    of magenta in the exact mean clip and in the model's x̂0 = x_t − v̂ from one pure-noise draw)."""
+    text, codec = TW.ToyTextEncoder(), TW.ToyCodec()
+    pixels, prompts = rung1_batch("sigma1", 0, clips)
+    x0 = codec.encode(pixels)                                                   # [B, F, C, H, W]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.full(x0.shape[:2], 1000.0)                                        # σ = 1: x_t = noise
+    loss = {name: (net(noise, t, text.encode(p), causal=False).float() - (noise - x0)).pow(2).mean().item()
+            for name, p in (("model", prompts), ("model_flipped", [toy_eval.flip_direction(q) for q in prompts]))}
+    means = {d: codec.encode(TW.candidate_clips(rung1_object(d))).mean(0) for d in DIRECTIONS}   # [F, C, H, W]
+    # every direction is equally likely, and each has the same number of start positions
+    overall = torch.stack(list(means.values())).mean(0)
+    words = [TW.parse_prompt(p)[0]["motion"] for p in prompts]
+    loss["exact"] = torch.stack([(x0[i] - means[w]).pow(2).mean() for i, w in enumerate(words)]).mean().item()
+    loss["exact_open"] = (x0 - overall).pow(2).mean().item()
+    # the best prediction that is the same at every pixel and frame (per channel): all a network whose only
+    # positions are relative (RoPE) can make of pure noise, but for effects at the clip's edges
+    loss["constant"] = (x0 - overall.mean((0, 2, 3), keepdim=True)).pow(2).mean().item()
+
+    def centre(latents):   # [F, C, H, W] -> [(x, y)] per frame: magenta presence (R + B)/2 in [0, 1] as weight
+        pix = codec.decode(latents[None])[0]                                    # [F, 3, H, W] in [-1, 1]
+        w = ((pix[:, 0] + pix[:, 2]) / 4 + 0.5).clamp(min=0)                    # [F, H, W]; an undershoot weighs 0
+        grid = torch.arange(w.shape[-1], dtype=w.dtype)
+        return [(round(float((w[f].sum(0) * grid).sum() / w[f].sum()), 1),
+                 round(float((w[f].sum(1) * grid).sum() / w[f].sum()), 1)) for f in range(w.shape[0])]
+
+    one_noise = noise[:1]
+    centroids = {}
+    for d in DIRECTIONS:
+        v = net(one_noise, t[:1], text.encode([TW.make_prompt([rung1_object(d)])]), causal=False).float()
+        centroids[d] = dict(exact=centre(means[d]), model=centre(one_noise[0] - v[0]))   # x̂0 = x_t − σ·v̂, σ = 1
+    return dict(loss=loss, centroids=centroids)
+
+
+def format_sigma1(variant, steps, probe):
+    loss = probe["loss"]
+    out = [f"{variant}, step {steps}, σ = 1 (x_t is pure noise):",
+           f"  flow-matching loss  exact: {loss['exact']:.4f} with the word, {loss['exact_open']:.4f} without "
+           f"(worth {loss['exact_open'] - loss['exact']:+.4f});  model: {loss['model']:.4f} with the true word, "
+           f"{loss['model_flipped']:.4f} flipped (worth {loss['model_flipped'] - loss['model']:+.4f});  the best constant clip: {loss['constant']:.4f}",
+           "", "| word | magenta centre (x, y), frames 0 / 5 / 11: exact mean clip | model's x̂0 |", "|---|---|---|"]
+    pick = lambda c: " / ".join(f"({x:.1f}, {y:.1f})" for x, y in (c[0], c[len(c) // 2 - 1], c[-1]))
+    for d, c in probe["centroids"].items():
+        out.append(f"| {d} | {pick(c['exact'])} | {pick(c['model'])} |")
+    return "\n".join(out)
 
 
 def verdict_of(row):
@@ -291,6 +353,14 @@ def cmd_judge(args):
     judge_and_record(args.variant, ema, state, run_dir, args.threads)
 
 
+def cmd_sigma1(args):
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.runs) / args.variant
+    assert (run_dir / "state.pt").exists(), f"no run at {run_dir}: train it with rung1 --variant {args.variant}"
+    _, ema, _, _, _, state = build(args.variant, run_dir)
+    print(format_sigma1(args.variant, state["step"], sigma1_probe(ema)))
+
+
 def cmd_stop(args):
     """Record that a run was stopped before its budget, and why (the table shows it instead of "running")."""
     judged = [r for r in ledger_rows() if r["kind"] == "judge" and r["variant"] == args.variant]
@@ -326,7 +396,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("speed", "rung1", "judge"):
+    for name in ("speed", "rung1", "judge", "sigma1"):
         s = sub.add_parser(name)
         s.add_argument("--variant", required=True, help=f"one of {sorted(VARIANTS)}, or several joined with '+'")
         s.add_argument("--threads", type=int, default=2)
@@ -347,7 +417,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    {"speed": cmd_speed, "rung1": cmd_rung1, "judge": cmd_judge, "stop": cmd_stop,
+    {"speed": cmd_speed, "rung1": cmd_rung1, "judge": cmd_judge, "sigma1": cmd_sigma1, "stop": cmd_stop,
      "table": lambda a: print(format_table(ledger_rows()))}[args.cmd](args)
 
 

@@ -96,3 +96,50 @@ def test_table_lists_each_judged_row_with_its_speed_and_verdict():
     assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | running |"
     assert [line.rsplit("|", 2)[1].strip() for line in table[3:7]] == ["PASS", "FAIL", "over budget", "no speed row"]
     assert table[6].startswith("| patch1 | — | 10 | — |")
+
+
+def test_sigma1_probe_losses_and_centres_are_those_of_the_mean_clips():
+    """At σ = 1, x̂0 = x_t − v̂. A model predicting x̂0 = the mean clip over all four words scores exactly the
+    probe's word-blind bound, and one predicting the per-channel constant scores the constant bound."""
+    codec = TW.ToyCodec()
+    means = torch.stack([codec.encode(TW.candidate_clips(L.rung1_object(d))).mean(0) for d in L.DIRECTIONS])
+    overall = means.mean(0)                                                     # [F, C, H, W]
+
+    class Predicts(torch.nn.Module):
+        def __init__(self, x0_hat):
+            super().__init__()
+            self.x0_hat = x0_hat
+
+        def forward(self, x, t, context, causal=False):
+            assert torch.all(t == 1000.0)
+            return x - self.x0_hat   # v̂ = x_t − x̂0 at σ = 1
+
+    torch.set_num_threads(1)
+    probe = L.sigma1_probe(Predicts(overall), clips=8)
+    loss = probe["loss"]
+    assert loss["model"] == pytest.approx(loss["exact_open"], rel=1e-5) and loss["model_flipped"] == loss["model"]
+    assert loss["exact"] < loss["exact_open"] < loss["constant"]
+    constant = L.sigma1_probe(Predicts(overall.mean((0, 2, 3), keepdim=True)), clips=8)["loss"]
+    assert constant["model"] == pytest.approx(constant["constant"], rel=1e-5)
+    # hand-computed: "left" starts with its 8 px circle's left edge at x in {22, 23, 24}, y in 0..24, and moves
+    # 2 px/frame, so the mean clip's centre is (23 + 3.5, 12 + 3.5) in frame 0 and (23 − 22 + 3.5, 15.5) in frame 11
+    left = probe["centroids"]["left"]
+    assert left["exact"][0] == (26.5, 15.5) and left["exact"][-1] == (4.5, 15.5)
+    assert probe["centroids"]["down"]["exact"][0] == (15.5, 4.5)
+    assert all(c["model"][0] == (15.5, 15.5) for c in probe["centroids"].values())   # the word-blind mean
+    text = L.format_sigma1("x", 0, probe)
+    assert "| left | (26.5, 15.5) / (16.5, 15.5) / (4.5, 15.5) | (15.5, 15.5)" in text
+
+
+def test_perframe_draws_one_sigma_per_frame_for_about_half_the_clips_and_leaves_the_others_unchanged():
+    grid = L.M.timestep_grid(1000, 5.0)
+    shape = (64, TW.TOY_FRAMES, TW.TOY_LATENT_CHANNELS, 2, 2)
+    _, off_train = L.resolve_variant("baseline")
+    _, on_train = L.resolve_variant("perframe")
+    assert on_train["per_frame_noise"] == 0.5 and off_train["per_frame_noise"] == 0.0
+    _, t_off, _ = L.draw_noise(3, shape, grid, off_train)
+    noise, t_on, drop = L.draw_noise(3, shape, grid, on_train)
+    assert noise.shape == shape and t_on.shape == shape[:2] and drop.shape == shape[:1]
+    assert torch.all(t_off == t_off[:, :1])                   # one σ per clip
+    per_frame = (t_on != t_on[:, :1]).any(1)                  # [B]: clips whose frames differ
+    assert 16 <= int(per_frame.sum()) <= 48, int(per_frame.sum())   # Binomial(64, 0.5): 32 ± 4 sd
