@@ -379,6 +379,8 @@ def format_table(rows):
     first_seen = {v: i for i, v in reversed(list(enumerate(r["variant"] for r in judged)))}
     for r in sorted(judged, key=lambda r: (first_seen[r["variant"]], r["steps"])):   # by variant, then steps
         speed = speeds.get(r["variant"])
+        if speed:   # also for a row judged before its variant's speed row was taken
+            r = dict(r, idle_minutes=r["steps"] * speed["sec_per_step"] / 60)
         verdict = verdict_of(r)
         if verdict == "running" and (r["variant"], r["steps"]) in stopped:
             verdict = f"stopped: {stopped[r['variant'], r['steps']]}"

@@ -90,9 +90,12 @@ def test_table_lists_each_judged_row_with_its_speed_and_verdict():
             judged("theta100", 800, 16.0, 0.5), judged("theta100", 1450, 29.0, 0.5),
             judged("theta100", 1000, 20.0, 0.95), judged("theta100", 1600, 32.0, 0.95),
             judged("patch1", 10, None, 0.0), judged("heads4", 400, 10.0, 0.1),
-            dict(kind="stopped", variant="heads4", steps=400, why="no early signal")]
+            dict(kind="stopped", variant="heads4", steps=400, why="no early signal"),
+            judged("perframe", 1500, None, 0.2), dict(kind="speed", variant="perframe", sec_per_step=1.2)]
     table = L.format_table(rows).splitlines()
-    assert len(table) == 8 and table[7].endswith("| stopped: no early signal |")
+    assert len(table) == 9 and table[7].endswith("| stopped: no early signal |")
+    # judged before its speed row was taken: the minutes come from the speed row, 1500 x 1.2 s = 30 min
+    assert table[8].startswith("| perframe | 1.20 | 1500 | 30 |") and table[8].endswith("| FAIL |")
     assert table[2] == "| theta100 | 1.20 | 800 | 16 | 0.1000 | +0.0100 / +0.0200 (+0.200 / +0.150) | 50.0 | running |"
     assert [line.rsplit("|", 2)[1].strip() for line in table[3:7]] == ["PASS", "FAIL", "over budget", "no speed row"]
     assert table[6].startswith("| patch1 | — | 10 | — |")
